@@ -1,0 +1,1 @@
+"""Site-side federation: the ClientApp, its task functions, and ``python -m client.run`` (one SuperNode per site)."""

@@ -1,0 +1,52 @@
+"""What leaves a site: only the current phase's model arrays (names and shapes), latent statistics, scalar metrics.
+
+``check_outgoing`` runs on every reply before the ClientApp returns it and raises instead of sending.
+"""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord, MetricRecord, RecordDict
+
+ARRAYS_KEY = "arrays"
+METRICS_KEY = "metrics"
+
+
+class OutboxViolation(RuntimeError):
+    """A reply that would carry more than the phase allows; it is never sent."""
+
+
+def phase_arrays(cfg, phase: str) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the arrays a site may send in ``phase`` (empty: none)."""
+    import torch
+
+    from histodiff.models.autoencoder import build_autoencoder
+    from histodiff.models.discriminator import build_discriminator
+    from histodiff.models.unet import build_unet
+
+    modules = {}
+    with torch.device("meta"):
+        if phase == "lae":
+            modules["autoencoder"] = build_autoencoder(cfg.lae)
+            if cfg.lae.share_discriminator:
+                modules["discriminator"] = build_discriminator(cfg.lae)  # never the LPIPS network
+        elif phase == "dm":
+            modules["unet"] = build_unet(cfg)
+    return {f"{prefix}.{k}": tuple(v.shape) for prefix, m in modules.items() for k, v in m.state_dict().items()}
+
+
+def check_outgoing(content: RecordDict, allowed: dict[str, tuple[int, ...]]) -> None:
+    """Raise ``OutboxViolation`` unless ``content`` holds only allowed arrays and scalar metrics."""
+    for key, record in content.items():
+        if key == ARRAYS_KEY and isinstance(record, ArrayRecord):
+            for name, array in record.items():
+                if name not in allowed:
+                    raise OutboxViolation(f"array {name!r} is not part of this phase's model; refusing to send")
+                shape = tuple(int(s) for s in array.shape)
+                if shape != tuple(allowed[name]):
+                    raise OutboxViolation(f"array {name!r} has shape {shape}, the model has {tuple(allowed[name])}")
+        elif key == METRICS_KEY and isinstance(record, MetricRecord):
+            for name, value in record.items():
+                if isinstance(value, list) or isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise OutboxViolation(f"metric {name!r} is not a scalar; refusing to send")
+        else:
+            raise OutboxViolation(f"record {key!r} ({type(record).__name__}) may not leave the site")

@@ -1,0 +1,57 @@
+"""FedProx at a site: adds mu * (w - w_global) to every shared parameter's gradient before each optimiser step.
+
+The local-step functions build their own Trainer, so the callback is slipped in through ``extra_callbacks``.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import lightning as L
+import torch
+
+
+class ProximalTerm(L.Callback):
+    """Gradient of (mu / 2) * ||w - w_global||^2 for the parameters under ``prefixes`` (the shared ones)."""
+
+    def __init__(self, mu: float, prefixes: tuple[str, ...]):
+        self.mu, self.prefixes = float(mu), tuple(p + "." for p in prefixes)
+        self.pairs: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # the global weights were loaded into the module just before fit: they are the anchor
+        self.pairs = [(p, p.detach().clone()) for name, p in pl_module.named_parameters()
+                      if p.requires_grad and name.startswith(self.prefixes)]
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        in_opt = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        with torch.no_grad():
+            for p, anchor in self.pairs:
+                if p.grad is not None and id(p) in in_opt:
+                    p.grad.add_(p.detach() - anchor.to(p.device), alpha=self.mu)
+
+
+@contextmanager
+def extra_callbacks(callbacks: list):
+    """Run ``histodiff.training.local``'s trainers with ``callbacks`` added (a fresh process per message)."""
+    import histodiff.training.local as local
+
+    original = local.make_trainer
+
+    def make_trainer(train_cfg, steps, loggers=False, callbacks_=None, progress=None):
+        return original(train_cfg, steps, loggers, list(callbacks_ or []) + list(callbacks), progress)
+
+    local.make_trainer = make_trainer
+    try:
+        yield
+    finally:
+        local.make_trainer = original
+
+
+@contextmanager
+def proximal(mu: float, prefixes: tuple[str, ...]):
+    if mu <= 0:
+        yield
+        return
+    with extra_callbacks([ProximalTerm(mu, prefixes)]):
+        yield

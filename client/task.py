@@ -1,0 +1,180 @@
+"""Pure site-side functions of a federated round: site settings, data, local LAE/DM steps, latent stats, delivery.
+
+Everything a site keeps between rounds lives under ``<work>/<run-name>/``, never in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shlex
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from strategies.arrays import weights_digest
+
+log = logging.getLogger(__name__)
+ROLES = ("unlabeled", "labeled")
+
+
+@dataclass
+class Site:
+    name: str
+    role: str
+    data: Path
+    work: Path  # the site's work directory (tile index, run state)
+    state: Path  # <work>/<run-name>: this federated run's local state
+    test: Path | None = None
+    phantom: int | None = None  # phantom stain style to generate when no data folder is given
+
+
+def _truthy_list(text: str) -> set[int]:
+    return {int(x) for x in str(text).replace(",", " ").split() if x.strip()}
+
+
+def run_name(run_config) -> str:
+    name = str(run_config.get("run-name", "") or "")
+    return name or Path(str(run_config.get("run-dir", "runs/federated"))).name or "federated"
+
+
+def site_from_context(node_config, run_config) -> Site:
+    """Deployment: the node config names data-path, site-name, role, work-dir. Simulation: partition-id."""
+    if "data-path" in node_config:
+        work = Path(str(node_config.get("work-dir", "") or Path(str(node_config["data-path"])).parent / "work"))
+        role = str(node_config.get("role", "unlabeled"))
+        name = str(node_config.get("site-name", "") or Path(str(node_config["data-path"])).name)
+        test = node_config.get("test-path")
+        site = Site(name, role, Path(str(node_config["data-path"])), work, work / run_name(run_config),
+                    Path(str(test)) if test else None)
+    else:
+        pid = int(node_config.get("partition-id", 0))
+        root = Path(str(run_config.get("work-root", "") or Path(str(run_config.get("run-dir", "runs/federated"))) / "sites"))
+        work = root / f"site{pid}"
+        role = "labeled" if pid in _truthy_list(run_config.get("labeled-partitions", "")) else "unlabeled"
+        sites_root = str(run_config.get("sites-root", "") or "")
+        data = Path(sites_root) / f"site{pid}" if sites_root else work / "phantom-tiles"
+        site = Site(f"site{pid}", role, data, work, work / run_name(run_config), None,
+                    None if sites_root else pid)
+    if site.role not in ROLES:
+        raise ValueError(f"site role {site.role!r}; expected one of {', '.join(ROLES)}")
+    return site
+
+
+def site_config(run_config, site: Site):
+    from histodiff.config import compose
+
+    overrides = [f"profile={run_config.get('profile', 'tiny')}", *shlex.split(str(run_config.get("overrides", "")))]
+    overrides += [f"seed={int(run_config.get('seed', 0))}", f"data={site.data}", f"work_dir={site.work}",
+                  f"run_dir={site.state}"]
+    return compose(overrides)
+
+
+def ensure_phantom(cfg, site: Site, per_class: int, seed: int) -> None:
+    """Write this virtual site's phantom tiles once (its own stain style: site = partition id)."""
+    if site.phantom is None:
+        return
+    done = site.data / ".complete"
+    if done.exists():
+        return
+    from histodiff.data.phantom import write_phantom_site
+
+    write_phantom_site(site.data, per_class=per_class, size=cfg.tiles.image_size, site=site.phantom, seed=seed,
+                       labeled=site.role == "labeled")
+    done.write_text("ok")
+
+
+def load_dataset(cfg, train: bool = True):
+    from histodiff.data.tiles import tile_dataset_from_config
+
+    return tile_dataset_from_config(cfg, train=train)
+
+
+def strip(prefix: str, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) + 1:]: v for k, v in weights.items() if k.startswith(prefix + ".")}
+
+
+def build_global_autoencoder(cfg, weights: dict[str, torch.Tensor]):
+    from histodiff.models.autoencoder import build_autoencoder
+
+    ae = build_autoencoder(cfg.lae)
+    ae.load_state_dict(strip("autoencoder", weights), strict=True)
+    return ae.eval()
+
+
+def lae_round(cfg, dataset, site: Site, steps: int, global_weights, mu: float = 0.0):
+    from client.proximal import proximal
+    from histodiff.training.local import train_lae_steps
+
+    with proximal(mu, ("autoencoder", "loss.discriminator")):
+        return train_lae_steps(cfg, dataset, site.state / "lae", steps, init_weights=global_weights, progress=False)
+
+
+def dm_round(cfg, dataset, site: Site, steps: int, global_weights, autoencoder, scale_factor: float, mu: float = 0.0):
+    from client.proximal import proximal
+    from histodiff.training.local import train_dm_steps
+
+    with proximal(mu, ("unet",)):
+        return train_dm_steps(cfg, dataset, site.state / "dm", steps, autoencoder, scale_factor,
+                              init_weights=global_weights, progress=False)
+
+
+def latent_stats(cfg, dataset, autoencoder):
+    from histodiff.training.latent_stats import compute_latent_stats
+
+    return compute_latent_stats(autoencoder, dataset, batch_size=cfg.tiles.batch_size, seed=cfg.seed)
+
+
+# ------------------------------------------------------------------ the frozen global autoencoder of the DM phase
+
+
+def cache_global_autoencoder(site: Site, weights: dict[str, torch.Tensor]) -> str:
+    from histodiff.checkpoint import save_state_dict_file
+
+    digest = weights_digest(weights)
+    save_state_dict_file(weights, site.state / "global_autoencoder.safetensors")
+    (site.state / "global_autoencoder.digest").write_text(digest)
+    return digest
+
+
+def cached_global_autoencoder(site: Site, digest: str) -> dict[str, torch.Tensor]:
+    from histodiff.checkpoint import load_state_dict_file
+
+    path = site.state / "global_autoencoder.safetensors"
+    have = (site.state / "global_autoencoder.digest").read_text().strip() if path.exists() else None
+    if have != digest:
+        raise RuntimeError(f"site {site.name} lacks the global autoencoder {digest} of the DM phase (has {have})")
+    return load_state_dict_file(path)
+
+
+# ------------------------------------------------------------------ deliver
+
+
+def deliver(cfg, site: Site, ae_weights, unet_weights, scale_factor: float) -> dict[str, float]:
+    """Store the global model at the labeled site and run its augmentation pipeline there when installed."""
+    from histodiff.checkpoint import export_global_model
+    from histodiff.models.unet import build_unet
+
+    start = time.time()
+    ae = build_global_autoencoder(cfg, ae_weights)
+    unet = build_unet(cfg)
+    unet.load_state_dict(strip("unet", unet_weights), strict=True)
+    model_dir = export_global_model(site.state / "global_model", cfg, ae, unet, scale_factor)
+    metrics: dict[str, float] = {"delivered": 1.0}
+    try:
+        from client.augment import run_augment
+    except ImportError:
+        run_augment = None
+    if run_augment is None:
+        log.info("global model stored in %s (no labeled-site pipeline installed)", model_dir)
+        metrics["augment-ran"] = 0.0
+    else:
+        out = run_augment(cfg, site.data, site.test, model_dir, site.state / "augment")
+        metrics.update({k: float(v) for k, v in (out or {}).items()
+                        if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        metrics["augment-ran"] = 1.0
+    metrics["deliver-seconds"] = time.time() - start
+    (site.state / "deliver_metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics

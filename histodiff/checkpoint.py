@@ -1,0 +1,94 @@
+"""Model files: diffusers ``save_pretrained`` folders, safetensors state dicts, the exported global model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from histodiff.errors import InputError
+
+MODEL_INFO = "model_info.json"
+
+
+def save_state_dict_file(state: dict[str, torch.Tensor], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp))
+    tmp.replace(path)
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def save_pretrained_atomic(model, directory: Path) -> None:
+    """``model.save_pretrained`` into a temporary folder, then swap it in (no half-written checkpoint)."""
+    directory = Path(directory)
+    tmp = directory.with_name(directory.name + ".tmp")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    if directory.exists():
+        import shutil
+
+        old = directory.with_name(directory.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        directory.replace(old)
+        tmp.replace(directory)
+        shutil.rmtree(old)
+    else:
+        tmp.replace(directory)
+
+
+def export_global_model(out: Path, cfg, autoencoder, unet, scale_factor: float) -> Path:
+    """Write a self-contained model folder: autoencoder/, unet/, scheduler/ and model_info.json.
+
+    The autoencoder's ``scaling_factor`` is set to the global scale factor, so diffusers users get a
+    consistent pipeline without this project.
+    """
+    from histodiff.diffusion import build_noise_scheduler
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    autoencoder.register_to_config(scaling_factor=float(scale_factor))
+    save_pretrained_atomic(autoencoder, out / "autoencoder")
+    save_pretrained_atomic(unet, out / "unet")
+    build_noise_scheduler(cfg.dm).save_pretrained(str(out / "scheduler"))
+    info = {
+        "profile": cfg.profile,
+        "image_size": cfg.tiles.image_size,
+        "latent_channels": cfg.lae.latent_channels,
+        "scale_factor": float(scale_factor),
+    }
+    (out / MODEL_INFO).write_text(json.dumps(info, indent=2))
+    return out
+
+
+def load_global_model(directory: str | Path, cfg=None):
+    """Load (autoencoder, unet, info) from an exported model folder; check it matches ``cfg``'s profile."""
+    from diffusers import AutoencoderKL, UNet2DModel
+
+    directory = Path(directory)
+    info_path = directory / MODEL_INFO
+    if not info_path.is_file():
+        raise InputError(f"{directory} is not a HistoDiffusion model folder (no {MODEL_INFO})")
+    info = json.loads(info_path.read_text())
+    if cfg is not None and (info.get("profile") != cfg.profile or info.get("image_size") != cfg.tiles.image_size):
+        raise InputError(
+            f"model {directory} was trained with profile {info.get('profile')} at {info.get('image_size')} px; "
+            f"this run uses profile {cfg.profile} at {cfg.tiles.image_size} px"
+        )
+    autoencoder = AutoencoderKL.from_pretrained(str(directory / "autoencoder"))
+    unet = UNet2DModel.from_pretrained(str(directory / "unet"))
+    return autoencoder.eval(), unet.eval(), info

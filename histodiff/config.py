@@ -1,0 +1,235 @@
+"""Typed configuration schema and Hydra composition shared by every entry point.
+
+The YAML files in ``configs/`` fill this schema; the dataclasses give every key a type, so an
+unknown key or a value of the wrong type is refused with a one-line message.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass
+class TilesConfig:
+    image_size: int = 64
+    batch_size: int = 8
+    num_workers: int = 0
+    max_image_pixels: int = 100_000_000  # larger images are refused as decompression bombs
+    random_flip: bool = True
+
+
+@dataclass
+class LAEConfig:
+    block_out_channels: list[int] = field(default_factory=lambda: [128, 256, 512])
+    layers_per_block: int = 2
+    latent_channels: int = 3
+    norm_num_groups: int = 32
+    lr: float = 4.5e-6
+    betas: list[float] = field(default_factory=lambda: [0.5, 0.9])
+    kl_weight: float = 1.0e-6
+    perceptual_weight: float = 1.0
+    disc_start: int = 50001
+    disc_weight: float = 0.5
+    disc_factor: float = 1.0
+    disc_channels: int = 64
+    disc_layers: int = 3
+    # the discriminator travels with the autoencoder in federated LAE rounds when true
+    share_discriminator: bool = True
+
+
+@dataclass
+class UNetConfig:
+    block_out_channels: list[int] = field(default_factory=lambda: [192, 384, 384, 768, 768])
+    attention_levels: list[bool] = field(default_factory=lambda: [True, True, True, True, False])
+    layers_per_block: int = 2
+    num_heads: int = 8  # heads at the first level; diffusers keeps the head width fixed after it
+    norm_num_groups: int = 32
+    time_scale_shift: str = "scale_shift"
+    resblock_updown: bool = True  # down/up-sample with residual blocks (guided-diffusion style)
+    dropout: float = 0.0
+
+
+@dataclass
+class DMConfig:
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "scaled_linear"
+    beta_start: float = 0.0015
+    beta_end: float = 0.0195
+    lr: float = 5.0e-5
+    weight_decay: float = 0.01
+    warmup_steps: int = 10000
+    ema_decay: float = 0.9999
+    loss: str = "l2"  # l2 (paper) or l1 (reference release)
+    ddim_steps: int = 200
+    eta: float = 0.0
+    guidance_scale: float = 1.0
+
+
+@dataclass
+class LatentClassifierConfig:
+    block_out_channels: list[int] = field(default_factory=lambda: [192, 384, 768])
+    attention_levels: list[bool] = field(default_factory=lambda: [False, True, True])
+    layers_per_block: int = 2
+    num_heads: int = 8
+    norm_num_groups: int = 32
+    pool_heads: int = 8
+    num_classes: int = 9
+    lr: float = 3.0e-4
+    steps: int = 20000
+
+
+@dataclass
+class ClassifierConfig:
+    """A timm image classifier (auxiliary phi or downstream)."""
+
+    model: str = "resnet18"
+    img_size: int = 256
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    pretrained_path: Optional[str] = None
+    lr: float = 1.0e-4
+    weight_decay: float = 0.05
+    epochs: int = 30
+
+
+@dataclass
+class WeightsConfig:
+    perceptual: str = "imagenet"  # imagenet | random (tiny test profile only)
+    inception: str = "pretrained"  # pretrained | random (tiny test profile only)
+    vgg16_path: Optional[str] = None
+    inception_path: Optional[str] = None
+    cache_dir: Optional[str] = None
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    log_every: int = 10
+    ckpt_every: int = 500
+    accelerator: str = "auto"
+    devices: str = "auto"
+    strategy: str = "auto"
+    precision: str = "auto"  # auto: bf16-mixed on GPUs that support it, else 32-true
+    channels_last: bool = True
+    grad_clip: float = 0.0
+    progress: bool = True
+
+
+@dataclass
+class SampleConfig:
+    num_samples: int = 16
+    batch_size: int = 16
+    nrow: int = 4
+
+
+@dataclass
+class Config:
+    profile: str = MISSING
+    stage: str = "lae"  # lae | dm | sample
+    data: Optional[str] = None
+    labels: Optional[str] = None
+    run_dir: str = "runs/default"
+    work_dir: Optional[str] = None  # site work directory (tile index, reports); default run_dir
+    seed: int = 0
+    tiles: TilesConfig = field(default_factory=TilesConfig)
+    lae: LAEConfig = field(default_factory=LAEConfig)
+    dm: DMConfig = field(default_factory=DMConfig)
+    latent_classifier: LatentClassifierConfig = field(default_factory=LatentClassifierConfig)
+    aux_classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    downstream: ClassifierConfig = field(default_factory=ClassifierConfig)
+    weights: WeightsConfig = field(default_factory=WeightsConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; its message is one line."""
+
+
+_CHOICES = {
+    "stage": ("lae", "dm", "sample"),
+    "dm.loss": ("l2", "l1"),
+    "weights.perceptual": ("imagenet", "random"),
+    "weights.inception": ("pretrained", "random"),
+}
+
+
+def _validate(cfg: DictConfig) -> None:
+    for key, allowed in _CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"config key '{key}' is {value!r}; expected one of {', '.join(allowed)}")
+    for key in ("tiles.image_size", "tiles.batch_size", "train.steps", "dm.num_train_timesteps", "dm.ddim_steps"):
+        if OmegaConf.select(cfg, key) <= 0:
+            raise ConfigError(f"config key '{key}' must be positive, got {OmegaConf.select(cfg, key)}")
+    if len(cfg.dm.unet.attention_levels) != len(cfg.dm.unet.block_out_channels):
+        raise ConfigError("dm.unet.attention_levels must have one entry per dm.unet.block_out_channels level")
+    if cfg.dm.ddim_steps > cfg.dm.num_train_timesteps:
+        raise ConfigError("dm.ddim_steps cannot exceed dm.num_train_timesteps")
+    factor = 2 ** (len(cfg.lae.block_out_channels) - 1)
+    if cfg.tiles.image_size % factor:
+        raise ConfigError(f"tiles.image_size {cfg.tiles.image_size} is not divisible by the LAE factor {factor}")
+
+
+def _register() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="schema", node=Config)
+
+
+def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "config") -> DictConfig:
+    """Compose ``configs/<config_name>.yaml`` with command-line style overrides, typed and checked."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    _register()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise ConfigError(_one_line(exc)) from None
+    finally:
+        GlobalHydra.instance().clear()
+    _validate(cfg)
+    return cfg
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    if "not in struct" in text or "Could not override" in text or "Key '" in text and "not" in text:
+        key = text.split("'")[1] if "'" in text else "?"
+        return f"unknown config key '{key}' (see configs/ for the keys that exist)"
+    if "Value '" in text and ("could not be converted" in text or "is not a valid" in text):
+        return "bad config value: " + first
+    return "bad config: " + first
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def main_guard(fn):
+    """Run an entry point so that a configuration or input error prints one line and exits 2."""
+
+    def wrapper(argv: list[str] | None = None) -> int:
+        from histodiff.errors import InputError
+
+        try:
+            return fn(sys.argv[1:] if argv is None else argv) or 0
+        except (ConfigError, InputError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+
+    return wrapper

@@ -1,0 +1,80 @@
+"""DM training: eps-prediction UNet on scaled latents of the frozen LAE encoder, warm-up and EMA."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import lightning as L
+import torch
+from diffusers.training_utils import EMAModel
+
+from histodiff.diffusion import build_noise_scheduler
+from histodiff.losses import eps_loss
+from histodiff.models.unet import build_unet
+
+
+class DMModule(L.LightningModule):
+    """Paper eq. 3 on z_0 = scale_factor * E(x); the encoder is frozen and not part of the module's state."""
+
+    def __init__(self, cfg, autoencoder, scale_factor: float):
+        super().__init__()
+        self.cfg = cfg
+        self.unet = build_unet(cfg)
+        self.ema = EMAModel(self.unet.parameters(), decay=cfg.dm.ema_decay)
+        # kept out of the module's parameters: frozen, never optimised, never sent by the DM phase
+        self._autoencoder = [autoencoder.eval().requires_grad_(False)]
+        self.scale_factor = float(scale_factor)
+        self.noise_scheduler = build_noise_scheduler(cfg.dm)
+        self.step = 0
+        self.optimizer_state: dict | None = None
+        self.sums: dict[str, float] = defaultdict(float)
+        self.count = 0
+
+    @property
+    def autoencoder(self):
+        return self._autoencoder[0]
+
+    def on_fit_start(self) -> None:
+        self.autoencoder.to(self.device)
+        self.ema.to(self.device)
+
+    def configure_optimizers(self):
+        dm = self.cfg.dm
+        opt = torch.optim.AdamW(self.unet.parameters(), lr=dm.lr, weight_decay=dm.weight_decay)
+        warmup = max(1, dm.warmup_steps)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+        if self.optimizer_state:
+            opt.load_state_dict(self.optimizer_state["optimizer"])
+            sched.load_state_dict(self.optimizer_state["scheduler"])
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.autoencoder.encode(x).latent_dist.sample() * self.scale_factor
+
+    def _common_step(self, x: torch.Tensor) -> torch.Tensor:
+        z0 = self.encode(x)
+        noise = torch.randn_like(z0)
+        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (z0.shape[0],), device=z0.device)
+        zt = self.noise_scheduler.add_noise(z0, noise, t)
+        pred = self.unet(zt, t).sample
+        return eps_loss(pred.float(), noise.float(), self.cfg.dm.loss)
+
+    def training_step(self, batch, batch_idx):
+        loss = self._common_step(batch[0])
+        self.log("loss", loss, prog_bar=True, logger=False)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        self.ema.step(self.unet.parameters())
+        self.step += 1
+        logs = {"loss": float(outputs["loss"]), "lr": self.optimizers().param_groups[0]["lr"]}
+        for k, v in logs.items():
+            self.sums[k] += v
+        self.count += 1
+        if self.step % self.cfg.train.log_every == 0:
+            for logger in self.loggers:
+                logger.log_metrics({f"dm/{k}": v for k, v in logs.items()}, step=self.step)
+
+    def mean_metrics(self) -> dict[str, float]:
+        return {k: v / max(1, self.count) for k, v in self.sums.items()}

@@ -1,0 +1,93 @@
+"""LAE training: generator (AutoencoderKL) and PatchGAN discriminator with manual optimisation."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import lightning as L
+import torch
+
+from histodiff.losses import build_lae_loss
+from histodiff.models.autoencoder import build_autoencoder
+
+
+class LAEModule(L.LightningModule):
+    """Paper eq. 4: L1 + LPIPS + hinge PatchGAN (adaptive weight after ``disc_start``) + KL."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.automatic_optimization = False
+        self.autoencoder = build_autoencoder(cfg.lae)
+        self.loss = build_lae_loss(cfg)  # holds the frozen LPIPS net and the discriminator
+        self.step = 0  # global LAE step across calls, restarts and federated rounds
+        self.optimizer_state: list | None = None
+        self.sums: dict[str, float] = defaultdict(float)
+        self.count = 0
+
+    @property
+    def discriminator(self) -> torch.nn.Module:
+        return self.loss.discriminator
+
+    def configure_optimizers(self):
+        lae = self.cfg.lae
+        opt_g = torch.optim.Adam(self.autoencoder.parameters(), lr=lae.lr, betas=tuple(lae.betas))
+        opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=lae.lr, betas=tuple(lae.betas))
+        if self.optimizer_state:
+            opt_g.load_state_dict(self.optimizer_state[0])
+            opt_d.load_state_dict(self.optimizer_state[1])
+        return [opt_g, opt_d]
+
+    def _common_step(self, x: torch.Tensor, sample: bool = True):
+        posterior = self.autoencoder.encode(x).latent_dist
+        z = posterior.sample() if sample else posterior.mode()
+        return self.autoencoder.decode(z).sample, posterior
+
+    def generator_step(self, x: torch.Tensor, opt_g) -> tuple[torch.Tensor, dict]:
+        x_hat, posterior = self._common_step(x)
+        last_layer = self.autoencoder.decoder.conv_out.weight
+        loss, logs = self.loss.generator_loss(x, x_hat, posterior, self.step, last_layer=last_layer)
+        opt_g.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        self._clip(self.autoencoder)
+        opt_g.step()
+        return x_hat.detach(), logs
+
+    def discriminator_step(self, x: torch.Tensor, x_hat: torch.Tensor, opt_d) -> dict:
+        if self.step < self.cfg.lae.disc_start:
+            return {}  # the discriminator has no effect yet: skip its forward/backward entirely
+        loss, logs = self.loss.discriminator_loss(x, x_hat, self.step)
+        opt_d.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        self._clip(self.discriminator)
+        opt_d.step()
+        return logs
+
+    def _clip(self, module: torch.nn.Module) -> None:
+        if self.cfg.train.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(module.parameters(), self.cfg.train.grad_clip)
+
+    def training_step(self, batch, batch_idx):
+        x = batch[0]
+        opt_g, opt_d = self.optimizers()
+        x_hat, logs = self.generator_step(x, opt_g)
+        logs.update(self.discriminator_step(x, x_hat, opt_d))
+        self.step += 1
+        self.record(logs)
+
+    def record(self, logs: dict) -> None:
+        logs = {k: float(v) for k, v in logs.items()}
+        for k, v in logs.items():
+            self.sums[k] += v
+        self.count += 1
+        self.log_dict({"rec": logs.get("rec", 0.0), "step": float(self.step)}, prog_bar=True, logger=False)
+        if self.step % self.cfg.train.log_every == 0 and self.trainer is not None:
+            for logger in self.loggers:
+                logger.log_metrics({f"lae/{k}": v for k, v in logs.items()}, step=self.step)
+
+    def mean_metrics(self) -> dict[str, float]:
+        return {k: v / max(1, self.count) for k, v in self.sums.items()}
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        return self._common_step(x, sample=False)[0].clamp(-1, 1)

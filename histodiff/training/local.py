@@ -1,0 +1,231 @@
+""""Train N steps from this state on this data": the local-step functions of a site.
+
+A single-site run and a federated round call the same functions. Everything a site needs between
+calls (weights, optimiser state, step counter, EMA, RNG) lives in its state directory, because a
+federated client runs every round in a fresh process.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from histodiff.checkpoint import load_state_dict_file, save_pretrained_atomic, save_state_dict_file
+from histodiff.training.common import (
+    load_state_file,
+    make_trainer,
+    on_gpu,
+    rng_state,
+    save_state_file,
+    seed_everything,
+    set_rng_state,
+    step_loader,
+)
+from histodiff.training.dm import DMModule
+from histodiff.training.lae import LAEModule
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LocalResult:
+    weights: dict[str, torch.Tensor]  # what may leave the site in this phase, flat and prefixed
+    metrics: dict[str, float]
+    num_examples: int  # tiles at this site (FedAvg weight)
+    step: int = 0
+
+
+# ---------------------------------------------------------------- state directories
+
+
+def save_lae_state(module: LAEModule, state_dir: Path, optimizers=None) -> None:
+    state_dir = Path(state_dir)
+    save_pretrained_atomic(module.autoencoder, state_dir / "autoencoder")
+    save_state_dict_file(module.discriminator.state_dict(), state_dir / "discriminator.safetensors")
+    opts = optimizers if optimizers is not None else module.optimizer_state
+    save_state_file(state_dir, {
+        "step": module.step,
+        "optimizers": [o.state_dict() if hasattr(o, "state_dict") else o for o in (opts or [])],
+        "rng": rng_state(),
+    })
+
+
+def load_lae_state(module: LAEModule, state_dir: Path) -> bool:
+    state = load_state_file(Path(state_dir))
+    if state is None:
+        return False
+    from diffusers import AutoencoderKL
+
+    ae = AutoencoderKL.from_pretrained(str(Path(state_dir) / "autoencoder"))
+    module.autoencoder.load_state_dict(ae.state_dict())
+    module.discriminator.load_state_dict(load_state_dict_file(Path(state_dir) / "discriminator.safetensors"))
+    module.step = int(state["step"])
+    module.optimizer_state = state["optimizers"] or None
+    set_rng_state(state["rng"])
+    return True
+
+
+def save_dm_state(module: DMModule, state_dir: Path, optimizer=None, scheduler=None) -> None:
+    state_dir = Path(state_dir)
+    save_pretrained_atomic(module.unet, state_dir / "unet")
+    opt_state = module.optimizer_state
+    if optimizer is not None:
+        opt_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+    save_state_file(state_dir, {
+        "step": module.step,
+        "optimizer": opt_state,
+        "ema": module.ema.state_dict(),
+        "scale_factor": module.scale_factor,
+        "rng": rng_state(),
+    })
+
+
+def load_dm_state(module: DMModule, state_dir: Path) -> bool:
+    state = load_state_file(Path(state_dir))
+    if state is None:
+        return False
+    from diffusers import UNet2DModel
+
+    module.unet.load_state_dict(UNet2DModel.from_pretrained(str(Path(state_dir) / "unet")).state_dict())
+    module.step = int(state["step"])
+    module.optimizer_state = state["optimizer"]
+    module.ema.load_state_dict(state["ema"])
+    set_rng_state(state["rng"])
+    return True
+
+
+def ema_unet_from_state(cfg, state_dir: Path):
+    """The UNet with the EMA weights of the site state in ``state_dir`` (for sampling and export)."""
+    from histodiff.models.unet import build_unet
+
+    state = load_state_file(Path(state_dir))
+    if state is None:
+        raise FileNotFoundError(f"no DM state in {state_dir}")
+    unet = build_unet(cfg)
+    ema = _ema_for(cfg, unet)
+    ema.load_state_dict(state["ema"])
+    ema.copy_to(unet.parameters())
+    return unet.eval()
+
+
+def _ema_for(cfg, unet):
+    from diffusers.training_utils import EMAModel
+
+    return EMAModel(unet.parameters(), decay=cfg.dm.ema_decay)
+
+
+class StateCheckpoint(L.Callback):
+    """Save the site state every ``every`` steps (rank 0 only) so a crash loses at most that much."""
+
+    def __init__(self, state_dir: Path, every: int, save_fn):
+        self.state_dir, self.every, self.save_fn = Path(state_dir), every, save_fn
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.every > 0 and pl_module.step % self.every == 0 and trainer.is_global_zero:
+            self.save_fn(trainer, pl_module)
+            log.info("checkpoint at step %d -> %s", pl_module.step, self.state_dir)
+
+
+# ---------------------------------------------------------------- shared weights
+
+
+def _prefixed(prefix: str, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.{k}": v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def _load_prefixed(prefix: str, module: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    own = {k[len(prefix) + 1:]: v for k, v in weights.items() if k.startswith(prefix + ".")}
+    if own:
+        module.load_state_dict(own, strict=True)
+
+
+def lae_shared_weights(module: LAEModule, include_discriminator: bool) -> dict[str, torch.Tensor]:
+    weights = _prefixed("autoencoder", module.autoencoder)
+    if include_discriminator:
+        weights.update(_prefixed("discriminator", module.discriminator))
+    return weights
+
+
+# ---------------------------------------------------------------- local steps
+
+
+def train_lae_steps(
+    cfg,
+    dataset,
+    state_dir: Path,
+    steps: int,
+    init_weights: dict[str, torch.Tensor] | None = None,
+    loggers: list | bool = False,
+    ckpt_every: int = 0,
+    progress: bool | None = None,
+) -> LocalResult:
+    """Run ``steps`` LAE steps from the state in ``state_dir`` (fresh when empty) and save it back."""
+    module = LAEModule(cfg)
+    resumed = load_lae_state(module, state_dir)
+    if init_weights:
+        _load_prefixed("autoencoder", module.autoencoder, init_weights)
+        _load_prefixed("discriminator", module.discriminator, init_weights)
+    seed_everything(cfg.seed + module.step)
+    if on_gpu(cfg.train) and cfg.train.channels_last:
+        module = module.to(memory_format=torch.channels_last)
+    log.info("LAE: %s at step %d, %d steps on %d tiles", "resumed" if resumed else "new", module.step, steps, len(dataset))
+
+    def save(trainer, pl_module):
+        save_lae_state(pl_module, state_dir, trainer.optimizers)
+
+    trainer = make_trainer(cfg.train, steps, loggers, [StateCheckpoint(state_dir, ckpt_every, save)], progress)
+    loader = step_loader(dataset, cfg.tiles.batch_size, steps, cfg.seed + module.step, cfg.tiles.num_workers)
+    trainer.fit(module, loader)
+    module = module.cpu()
+    if trainer.is_global_zero:
+        save_lae_state(module, state_dir, trainer.optimizers)
+    return LocalResult(
+        weights=lae_shared_weights(module, cfg.lae.share_discriminator),
+        metrics=module.mean_metrics(),
+        num_examples=len(dataset),
+        step=module.step,
+    )
+
+
+def train_dm_steps(
+    cfg,
+    dataset,
+    state_dir: Path,
+    steps: int,
+    autoencoder,
+    scale_factor: float,
+    init_weights: dict[str, torch.Tensor] | None = None,
+    loggers: list | bool = False,
+    ckpt_every: int = 0,
+    progress: bool | None = None,
+) -> LocalResult:
+    """Run ``steps`` DM steps (encoder frozen, latents scaled by the global ``scale_factor``)."""
+    module = DMModule(cfg, autoencoder, scale_factor)
+    resumed = load_dm_state(module, state_dir)
+    if init_weights:
+        _load_prefixed("unet", module.unet, init_weights)
+    seed_everything(cfg.seed + module.step)
+    if on_gpu(cfg.train) and cfg.train.channels_last:
+        module.unet.to(memory_format=torch.channels_last)
+    log.info("DM: %s at step %d, %d steps on %d tiles", "resumed" if resumed else "new", module.step, steps, len(dataset))
+
+    def save(trainer, pl_module):
+        save_dm_state(pl_module, state_dir, trainer.optimizers[0], trainer.lr_scheduler_configs[0].scheduler)
+
+    trainer = make_trainer(cfg.train, steps, loggers, [StateCheckpoint(state_dir, ckpt_every, save)], progress)
+    loader = step_loader(dataset, cfg.tiles.batch_size, steps, cfg.seed + module.step, cfg.tiles.num_workers)
+    trainer.fit(module, loader)
+    module = module.cpu()
+    module.ema.to("cpu")
+    if trainer.is_global_zero:
+        save_dm_state(module, state_dir, trainer.optimizers[0], trainer.lr_scheduler_configs[0].scheduler)
+    return LocalResult(
+        weights=_prefixed("unet", module.unet),
+        metrics=module.mean_metrics(),
+        num_examples=len(dataset),
+        step=module.step,
+    )

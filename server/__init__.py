@@ -1,0 +1,1 @@
+"""Coordinator side: the ServerApp, ``python -m server.run``, certificates, the federated demo."""

@@ -1,0 +1,1 @@
+"""Server-side federation logic: phase schedule, streaming aggregation, server optimisers, checkpoints."""

@@ -1,0 +1,84 @@
+"""Streaming weighted averaging: each reply is added into a running fp32 sum as it arrives, then dropped.
+
+Peak memory is the fp32 sum plus one reply, whatever the number of sites.
+"""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import ArrayRecord
+
+from strategies.arrays import array_shape, decode_tensor
+
+
+class ReplyMismatch(ValueError):
+    """A reply whose arrays do not match the others (names or shapes); the site is left out of the round."""
+
+
+class StreamingMean:
+    """Weighted mean of state dicts, fed one reply at a time (weights: the sites' tile counts)."""
+
+    def __init__(self, expected: dict[str, tuple[int, ...]] | None = None):
+        self.expected = expected  # names and shapes every reply must have (the global model's)
+        self.sums: dict[str, torch.Tensor] = {}
+        self.total = 0.0
+        self.count = 0
+        self._int_weight = -1.0
+
+    def check(self, record: ArrayRecord) -> None:
+        shapes = {name: array_shape(a) for name, a in record.items()}
+        expected = self.expected
+        if expected is None and self.sums:
+            expected = {k: tuple(v.shape) for k, v in self.sums.items()}
+        if expected is None:
+            return
+        if set(shapes) != set(expected):
+            extra, missing = sorted(set(shapes) - set(expected)), sorted(set(expected) - set(shapes))
+            raise ReplyMismatch(f"arrays differ from the global model (extra {extra[:3]}, missing {missing[:3]})")
+        bad = [k for k, s in shapes.items() if tuple(expected[k]) != s]
+        if bad:
+            raise ReplyMismatch(f"array {bad[0]} has shape {shapes[bad[0]]}, expected {tuple(expected[bad[0]])}")
+
+    def add(self, record: ArrayRecord, weight: float) -> None:
+        """Check the whole reply first (a bad one must not leave half of itself in the sum), then add it."""
+        if not weight > 0:
+            raise ReplyMismatch(f"reply weight must be positive, got {weight}")
+        self.check(record)
+        take_ints = weight > self._int_weight
+        for name in list(record.keys()):
+            t = decode_tensor(record[name])
+            if t.is_floating_point():
+                if name in self.sums:
+                    self.sums[name].add_(t, alpha=weight)
+                else:
+                    self.sums[name] = t.mul_(weight)
+            elif take_ints or name not in self.sums:
+                # integer buffers (BatchNorm's num_batches_tracked) cannot be averaged: keep the largest site's
+                self.sums[name] = t
+            del t
+        if take_ints:
+            self._int_weight = weight
+        self.total += weight
+        self.count += 1
+
+    def mean(self) -> dict[str, torch.Tensor]:
+        if self.count == 0:
+            raise ValueError("no replies to average")
+        return {k: (v / self.total if v.is_floating_point() else v.clone()) for k, v in self.sums.items()}
+
+
+class MetricMean:
+    """Weighted mean of the sites' scalar metrics."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.weights: dict[str, float] = {}
+
+    def add(self, metrics: dict, weight: float) -> None:
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                self.sums[k] = self.sums.get(k, 0.0) + float(v) * weight
+                self.weights[k] = self.weights.get(k, 0.0) + weight
+
+    def mean(self) -> dict[str, float]:
+        return {k: self.sums[k] / self.weights[k] for k in sorted(self.sums)}

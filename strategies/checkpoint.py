@@ -1,0 +1,117 @@
+"""Round checkpoints in the run directory: global weights in diffusers layout, strategy state, metrics.jsonl.
+
+``checkpoints/round-NNNN/`` is written completely before ``server_state.json`` points at it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+METRICS_FILE = "metrics.jsonl"
+KEEP = 2  # round checkpoints kept (the committed one and the one before)
+
+
+def _split(weights: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) + 1:]: v for k, v in weights.items() if k.startswith(prefix + ".")}
+
+
+def init_lae_weights(cfg, seed: int, share_discriminator: bool | None = None) -> dict[str, torch.Tensor]:
+    from histodiff.models.autoencoder import build_autoencoder
+    from histodiff.models.discriminator import build_discriminator
+
+    torch.manual_seed(seed)
+    weights = {f"autoencoder.{k}": v for k, v in build_autoencoder(cfg.lae).state_dict().items()}
+    share = cfg.lae.share_discriminator if share_discriminator is None else share_discriminator
+    if share:
+        weights.update({f"discriminator.{k}": v for k, v in build_discriminator(cfg.lae).state_dict().items()})
+    return weights
+
+
+def init_unet_weights(cfg, seed: int) -> dict[str, torch.Tensor]:
+    from histodiff.models.unet import build_unet
+
+    torch.manual_seed(seed + 1)
+    return {f"unet.{k}": v for k, v in build_unet(cfg).state_dict().items()}
+
+
+def save_round(run_dir: Path, name: str, cfg, weights: dict[str, torch.Tensor],
+               strategy_state: dict[str, torch.Tensor]) -> str:
+    """Write the global weights and strategy state of one round; returns the folder relative to ``run_dir``."""
+    from safetensors.torch import save_file
+
+    from histodiff.checkpoint import save_pretrained_atomic, save_state_dict_file
+    from histodiff.models.autoencoder import build_autoencoder
+    from histodiff.models.unet import build_unet
+
+    rel = f"checkpoints/{name}"
+    out = Path(run_dir) / rel
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    ae = _split(weights, "autoencoder")
+    if ae:
+        model = build_autoencoder(cfg.lae)
+        model.load_state_dict(ae, strict=True)
+        save_pretrained_atomic(model, out / "autoencoder")
+    disc = _split(weights, "discriminator")
+    if disc:
+        save_state_dict_file(disc, out / "discriminator.safetensors")
+    unet = _split(weights, "unet")
+    if unet:
+        model = build_unet(cfg)
+        model.load_state_dict(unet, strict=True)
+        save_pretrained_atomic(model, out / "unet")
+    save_file({k: v.contiguous() for k, v in strategy_state.items()}, str(out / "strategy.safetensors"))
+    return rel
+
+
+def load_round(run_dir: Path, rel: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    from diffusers import AutoencoderKL, UNet2DModel
+    from safetensors.torch import load_file
+
+    folder = Path(run_dir) / rel
+    weights: dict[str, torch.Tensor] = {}
+    if (folder / "autoencoder").is_dir():
+        sd = AutoencoderKL.from_pretrained(str(folder / "autoencoder")).state_dict()
+        weights.update({f"autoencoder.{k}": v for k, v in sd.items()})
+    if (folder / "discriminator.safetensors").is_file():
+        weights.update({f"discriminator.{k}": v for k, v in load_file(str(folder / "discriminator.safetensors")).items()})
+    if (folder / "unet").is_dir():
+        sd = UNet2DModel.from_pretrained(str(folder / "unet")).state_dict()
+        weights.update({f"unet.{k}": v for k, v in sd.items()})
+    strategy = load_file(str(folder / "strategy.safetensors"))
+    return weights, strategy
+
+
+def prune(run_dir: Path, keep_rel: str) -> None:
+    """Remove old round folders, keeping the committed one and the one before it."""
+    folders = sorted((Path(run_dir) / "checkpoints").glob("round-*"))
+    for folder in folders[:-KEEP]:
+        if f"checkpoints/{folder.name}" != keep_rel:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def append_metrics(run_dir: Path, line: dict) -> None:
+    with open(Path(run_dir) / METRICS_FILE, "a") as f:
+        f.write(json.dumps(line) + "\n")
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / METRICS_FILE
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+
+
+def export_model(run_dir: Path, cfg, weights: dict[str, torch.Tensor], scale_factor: float) -> Path:
+    """The deliverable: ``run_dir/global_model`` (autoencoder/, unet/, scheduler/, model_info.json)."""
+    from histodiff.checkpoint import export_global_model
+    from histodiff.models.autoencoder import build_autoencoder
+    from histodiff.models.unet import build_unet
+
+    ae, unet = build_autoencoder(cfg.lae), build_unet(cfg)
+    ae.load_state_dict(_split(weights, "autoencoder"), strict=True)
+    unet.load_state_dict(_split(weights, "unet"), strict=True)
+    return export_global_model(Path(run_dir) / "global_model", cfg, ae, unet, scale_factor)

@@ -1,0 +1,118 @@
+"""Server-side update rules applied to the weighted mean of a round: FedAvg/FedProx, FedAdam, FedYogi; server EMA.
+
+FedProx differs from FedAvg only at the sites (proximal term, ``proximal-mu``); the server averages.
+FedAdam/FedYogi follow Reddi et al. 2021 (adaptive federated optimisation), in fp32 torch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi")
+
+
+class ServerOptimizer:
+    """``step(current, mean) -> new global``; FedAvg and FedProx take the mean as the new global model."""
+
+    name = "fedavg"
+
+    def step(self, current: dict[str, torch.Tensor], mean: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return mean
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        pass
+
+
+class FedAdam(ServerOptimizer):
+    """x += eta * m / (sqrt(v) + tau) with m, v the moments of the pseudo-gradient (mean - current)."""
+
+    name = "fedadam"
+
+    def __init__(self, eta: float = 1e-2, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3):
+        self.eta, self.beta1, self.beta2, self.tau = eta, beta1, beta2, tau
+        self.m: dict[str, torch.Tensor] = {}
+        self.v: dict[str, torch.Tensor] = {}
+
+    def _second_moment(self, v: torch.Tensor, d2: torch.Tensor) -> torch.Tensor:
+        return v.mul_(self.beta2).add_(d2, alpha=1 - self.beta2)
+
+    def step(self, current, mean):
+        new = {}
+        for k, x in current.items():
+            if not x.is_floating_point():
+                new[k] = mean[k]
+                continue
+            delta = mean[k] - x
+            m = self.m.setdefault(k, torch.zeros_like(x))
+            v = self.v.setdefault(k, torch.zeros_like(x))
+            m.mul_(self.beta1).add_(delta, alpha=1 - self.beta1)
+            self.v[k] = self._second_moment(v, delta * delta)
+            new[k] = x + self.eta * m / (self.v[k].sqrt() + self.tau)
+        return new
+
+    def state_dict(self):
+        return {**{f"m/{k}": v for k, v in self.m.items()}, **{f"v/{k}": v for k, v in self.v.items()}}
+
+    def load_state_dict(self, state):
+        self.m = {k[2:]: v.clone() for k, v in state.items() if k.startswith("m/")}
+        self.v = {k[2:]: v.clone() for k, v in state.items() if k.startswith("v/")}
+
+
+class FedYogi(FedAdam):
+    """Like FedAdam but v moves additively: v -= (1 - beta2) * d^2 * sign(v - d^2)."""
+
+    name = "fedyogi"
+
+    def _second_moment(self, v, d2):
+        return v.sub_((1 - self.beta2) * d2 * torch.sign(v - d2))
+
+
+def build_server_optimizer(name: str, eta: float = 1e-2, beta1: float = 0.9, beta2: float = 0.99,
+                           tau: float = 1e-3) -> ServerOptimizer:
+    if name in ("fedavg", "fedprox"):
+        opt = ServerOptimizer()
+        opt.name = name
+        return opt
+    if name == "fedadam":
+        return FedAdam(eta, beta1, beta2, tau)
+    if name == "fedyogi":
+        return FedYogi(eta, beta1, beta2, tau)
+    raise ValueError(f"strategy {name!r}; expected one of {', '.join(STRATEGIES)}")
+
+
+class ServerEMA:
+    """Exponential moving average of the global weights across rounds (what is delivered when enabled)."""
+
+    def __init__(self, decay: float):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"server-ema must be in [0, 1), got {decay}")
+        self.decay = decay
+        self.shadow: dict[str, torch.Tensor] = {}
+
+    @property
+    def enabled(self) -> bool:
+        return self.decay > 0
+
+    def update(self, weights: dict[str, torch.Tensor]) -> None:
+        if not self.enabled:
+            return
+        for k, w in weights.items():
+            if k not in self.shadow or not w.is_floating_point():
+                self.shadow[k] = w.clone()
+            else:
+                self.shadow[k].mul_(self.decay).add_(w, alpha=1 - self.decay)
+
+    def weights(self, fallback: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The EMA weights where it has them, ``fallback`` (the raw global model) elsewhere."""
+        if not self.enabled:
+            return fallback
+        return {k: self.shadow.get(k, v) for k, v in fallback.items()}
+
+    def state_dict(self):
+        return {f"ema/{k}": v for k, v in self.shadow.items()}
+
+    def load_state_dict(self, state):
+        self.shadow = {k[4:]: v.clone() for k, v in state.items() if k.startswith("ema/")}

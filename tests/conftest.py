@@ -1,0 +1,26 @@
+"""Shared pytest fixtures: small phantom tile folders and the optional real sample data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+# ../shared next to the repository holds real H&E samples; a fresh clone does not have it
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real sample tiles (see shared/data/README.md); the test is skipped when they are absent."""
+    if not (SHARED_DATA / "crc-val-he-32").is_dir():
+        pytest.skip(f"real sample data not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def phantom_labeled(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A labeled phantom site: 3 tiles of each of the nine classes, 32 px, site 0."""
+    from histodiff.data.phantom import write_phantom_site
+
+    return write_phantom_site(tmp_path_factory.mktemp("phantom") / "site0", per_class=3, size=32, site=0, seed=0)

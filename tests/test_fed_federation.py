@@ -1,0 +1,121 @@
+"""The whole phase schedule in-process (real ClientApp handlers, no networking): dropouts, min-sites, resume,
+and a 1-site federated run against the single-site run with the same seed and steps."""
+
+import json
+
+import pytest
+import torch
+from flwr.supercore.task_identity import TaskIdentity
+
+from client import proximal
+from client.client_app import app
+from histodiff.config import compose
+from strategies.checkpoint import init_lae_weights, read_metrics
+from strategies.federation import Federation
+from strategies.inprocess import InProcessGrid
+from strategies.schedule import load_state
+from strategies.settings import Settings
+
+OVERRIDES = "weights.perceptual=random lae.perceptual_weight=0 tiles.batch_size=4 tiles.image_size=32"
+
+
+@pytest.fixture(autouse=True)
+def _identity():
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+
+
+def _run_config(tmp_path, **extra):
+    rc = {"profile": "tiny", "overrides": OVERRIDES, "lae-rounds": 1, "dm-rounds": 1, "local-steps": 1,
+          "min-sites": 2, "round-timeout": 300.0, "wait-timeout": 1.0, "poll": 0.05, "run-dir": str(tmp_path / "run"),
+          "work-root": str(tmp_path / "sites"), "phantom-per-class": 1, "labeled-partitions": "3"}
+    rc.update(extra)
+    return rc
+
+
+def _federation(grid, rc, lines=None):
+    s = Settings.from_run_config(rc)
+    return Federation(grid, s, compose(s.config_overrides()), emit=(lines.append if lines is not None else print))
+
+
+def test_full_schedule_with_a_failing_site(tmp_path):
+    rc = _run_config(tmp_path, **{"transfer-dtype": "bf16", "server-ema": 0.5})
+    grid = InProcessGrid(app, {10 + i: {"partition-id": i, "num-partitions": 4} for i in range(4)}, rc)
+    grid.failing.add(12)  # errors on every message: left out, logged, the run goes on with the other two
+    lines = []
+    state = _federation(grid, rc, lines).run()
+    assert state.status == "done" and state.scale_factor > 0
+    metrics = read_metrics(tmp_path / "run")
+    assert [m["phase"] for m in metrics] == ["lae", "latent-stats", "dm", "deliver"]
+    assert all(m["sites_answered"] == 2 for m in metrics[:3]) and metrics[3]["sites_answered"] == 1
+    # bf16 transfer: what a site sends is about half the fp32 model
+    assert metrics[0]["bytes_received_per_site"]["10"] < 0.6 * metrics[1]["bytes_sent_per_site"]["10"] * 2
+    info = json.loads((tmp_path / "run" / "global_model" / "model_info.json").read_text())
+    assert info["scale_factor"] == pytest.approx(state.scale_factor)
+    assert (tmp_path / "sites" / "site3" / "run" / "global_model" / "unet" / "config.json").is_file()
+    assert any(line.startswith("[fed] dm round 1/1") for line in lines)
+    # no message ever asked a labeled site to pre-train
+    assert not any(m.metadata.dst_node_id == 13 and m.metadata.message_type.startswith("train.l") for m in grid.sent)
+
+
+def test_below_min_sites_stops_cleanly_then_resumes(tmp_path):
+    rc = _run_config(tmp_path, **{"lae-rounds": 2, "dm-rounds": 0, "deliver": False})
+    grid = InProcessGrid(app, {10 + i: {"partition-id": i, "num-partitions": 3} for i in range(3)}, rc)
+    lines = []
+
+    def emit(line):
+        lines.append(line)
+        if line.startswith("[fed] lae round 1/2"):
+            grid.offline.update({11, 12})  # two sites go away after the first round
+
+    s = Settings.from_run_config(rc)
+    state = Federation(grid, s, compose(s.config_overrides()), emit=emit).run()
+    assert state.status == "stopped" and "1 unlabeled site(s) connected, 2 needed" in state.message
+    assert any("FEDERATION STOPPED" in line and "--resume" in line for line in lines)
+    saved = load_state(tmp_path / "run")
+    assert saved.checkpoint == "checkpoints/round-0001" and saved.global_round == 1
+    assert (tmp_path / "run" / saved.checkpoint / "autoencoder" / "config.json").is_file()
+
+    grid.offline.clear()
+    state = _federation(grid, dict(rc, resume=True), lines).run()
+    assert state.status == "done"
+    assert [m["phase"] for m in read_metrics(tmp_path / "run")] == ["lae", "lae", "latent-stats"]
+    assert any(line.startswith("resumed") and "lae round 2" in line for line in lines)
+
+
+def test_one_site_federated_equals_single_site_training(tmp_path):
+    from histodiff.data.phantom import write_phantom_site
+    from histodiff.data.tiles import tile_dataset_from_config
+    from histodiff.training.local import train_lae_steps
+
+    write_phantom_site(tmp_path / "root" / "site0", per_class=1, size=32, site=0, seed=0, labeled=False)
+    rc = _run_config(tmp_path, **{"lae-rounds": 2, "dm-rounds": 0, "deliver": False, "min-sites": 1,
+                                  "local-steps": 2, "sites-root": str(tmp_path / "root")})
+    grid = InProcessGrid(app, {1: {"partition-id": 0, "num-partitions": 1}}, rc)
+    fed = _federation(grid, rc)
+    assert fed.run().status == "done"
+
+    cfg = compose(["profile=tiny", *OVERRIDES.split(), f"data={tmp_path / 'root' / 'site0'}",
+                   f"work_dir={tmp_path / 'central'}"])
+    dataset = tile_dataset_from_config(cfg)
+    weights = init_lae_weights(cfg, 0)
+    for _ in range(2):  # the same steps in two calls, as two rounds do
+        weights = train_lae_steps(cfg, dataset, tmp_path / "central" / "lae", 2, init_weights=weights,
+                                  progress=False).weights
+    for k, v in weights.items():
+        assert torch.allclose(fed.weights[k].float(), v.float(), atol=1e-5), k
+
+
+def test_fedprox_term_runs_inside_local_training(tmp_path, monkeypatch):
+    calls = []
+    original = proximal.ProximalTerm.on_before_optimizer_step
+
+    def spy(self, trainer, pl_module, optimizer):
+        calls.append(self.mu)
+        return original(self, trainer, pl_module, optimizer)
+
+    monkeypatch.setattr(proximal.ProximalTerm, "on_before_optimizer_step", spy)
+    rc = _run_config(tmp_path, **{"strategy": "fedprox", "proximal-mu": 0.01, "dm-rounds": 0, "deliver": False,
+                                  "min-sites": 1})
+    grid = InProcessGrid(app, {1: {"partition-id": 0, "num-partitions": 1}}, rc)
+    assert _federation(grid, rc).run().status == "done"
+    assert calls and set(calls) == {0.01}

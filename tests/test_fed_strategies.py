@@ -1,0 +1,132 @@
+"""Server-side federation logic without networking: streaming averaging, server optimisers, EMA, phases, stats."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from histodiff.training.latent_stats import LatentStats, latent_moments
+from strategies.aggregate import MetricMean, ReplyMismatch, StreamingMean
+from strategies.arrays import TRANSFER_DTYPES, decode_tensor, from_record, to_record
+from strategies.schedule import Plan, ServerState, advance, load_state, save_state, start_state
+from strategies.server_opt import FedAdam, FedYogi, ServerEMA, build_server_optimizer
+from strategies.settings import Settings
+
+
+def _sites(n=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [{"a.w": torch.randn(4, 5, generator=g), "a.b": torch.randn(5, generator=g),
+             "a.n": torch.tensor(7 + i)} for i in range(n)]
+
+
+@pytest.mark.parametrize("dtype,tol", [("fp32", 1e-6), ("bf16", 2e-2), ("fp16", 2e-3)])
+def test_weighted_average_in_fp32_from_any_transfer_dtype(dtype, tol):
+    sites, counts = _sites(), [10, 30, 60]
+    acc = StreamingMean()
+    for w, n in zip(sites, counts):
+        record = to_record(w, TRANSFER_DTYPES[dtype])
+        acc.add(record, n)
+        del record  # dropped as soon as it is added
+    mean = acc.mean()
+    expected = sum(w["a.w"].double() * n for w, n in zip(sites, counts)) / sum(counts)
+    assert mean["a.w"].dtype == torch.float32 and acc.sums["a.w"].dtype == torch.float32
+    assert torch.allclose(mean["a.w"].double(), expected, atol=tol)
+    assert int(mean["a.n"]) == 9  # integer buffers: the largest site's value, never averaged
+
+
+def test_bf16_roundtrip_keeps_shape_and_halves_bytes():
+    w = {"x": torch.randn(3, 8), "s": torch.tensor(1.5)}
+    rec32, rec16 = to_record(w), to_record(w, torch.bfloat16)
+    assert rec16.count_bytes() < 0.7 * rec32.count_bytes()
+    back = from_record(rec16)
+    assert back["x"].shape == (3, 8) and back["s"].shape == () and back["x"].dtype == torch.float32
+
+
+def test_mismatching_reply_is_refused_and_leaves_the_sum_untouched():
+    a, b = _sites(2)
+    acc = StreamingMean({k: tuple(v.shape) for k, v in a.items()})
+    acc.add(to_record(a), 1.0)
+    before = acc.sums["a.w"].clone()
+    bad_shape = dict(b, **{"a.b": torch.zeros(6)})
+    with pytest.raises(ReplyMismatch, match="shape"):
+        acc.add(to_record(bad_shape), 1.0)
+    with pytest.raises(ReplyMismatch, match="extra"):
+        acc.add(to_record(dict(b, extra=torch.zeros(1))), 1.0)
+    assert torch.equal(acc.sums["a.w"], before) and acc.count == 1
+
+
+def test_metric_mean_is_weighted():
+    m = MetricMean()
+    m.add({"loss": 1.0}, 1)
+    m.add({"loss": 4.0}, 3)
+    assert m.mean() == {"loss": pytest.approx(3.25)}
+
+
+def test_fedavg_and_fedprox_take_the_mean():
+    cur, mean = {"w": torch.zeros(3)}, {"w": torch.ones(3)}
+    for name in ("fedavg", "fedprox"):
+        assert torch.equal(build_server_optimizer(name).step(cur, mean)["w"], mean["w"])
+
+
+@pytest.mark.parametrize("cls", [FedAdam, FedYogi])
+def test_fedadam_fedyogi_match_the_formula(cls):
+    eta, b1, b2, tau = 0.1, 0.9, 0.99, 1e-3
+    opt = cls(eta, b1, b2, tau)
+    x, m, v = np.zeros(4), np.zeros(4), np.zeros(4)
+    cur = {"w": torch.zeros(4)}
+    for target in (np.array([1.0, -2.0, 0.5, 0.0]), np.array([0.5, 0.5, 0.5, 0.5])):
+        d = target - x
+        m = b1 * m + (1 - b1) * d
+        v = b2 * v + (1 - b2) * d * d if cls is FedAdam else v - (1 - b2) * d * d * np.sign(v - d * d)
+        x = x + eta * m / (np.sqrt(v) + tau)
+        cur = opt.step(cur, {"w": torch.tensor(target, dtype=torch.float32)})
+        assert np.allclose(cur["w"].numpy(), x, atol=1e-5)
+    state = opt.state_dict()
+    again = cls(eta, b1, b2, tau)
+    again.load_state_dict(state)
+    assert torch.equal(again.m["w"], opt.m["w"]) and torch.equal(again.v["w"], opt.v["w"])
+
+
+def test_server_ema():
+    ema = ServerEMA(0.5)
+    ema.update({"w": torch.zeros(2)})
+    ema.update({"w": torch.ones(2)})
+    assert torch.allclose(ema.weights({"w": torch.ones(2)})["w"], torch.full((2,), 0.5))
+    off = ServerEMA(0.0)
+    off.update({"w": torch.zeros(2)})
+    assert torch.equal(off.weights({"w": torch.ones(2)})["w"], torch.ones(2))
+
+
+def test_latent_stats_combine_equals_pooled_statistics():
+    g = torch.Generator().manual_seed(1)
+    parts = [torch.randn(5, 3, 4, 4, generator=g) * (i + 1) + i for i in range(3)]
+    combined = LatentStats.combine([latent_moments([p]) for p in parts])
+    pooled = torch.cat([p.flatten() for p in parts]).double()
+    assert combined.count == pooled.numel()
+    assert combined.scale_factor == pytest.approx(1.0 / pooled.std(unbiased=False).item(), rel=1e-9)
+
+
+def test_phase_schedule_and_state_file(tmp_path):
+    plan = Plan(lae_rounds=2, dm_rounds=1)
+    state = start_state(plan)
+    seen = []
+    while state.phase != "done":
+        seen.append((state.phase, state.phase_round))
+        advance(state, plan)
+    assert seen == [("lae", 0), ("lae", 1), ("latent-stats", 0), ("dm", 0), ("deliver", 0)]
+    assert state.status == "done" and state.global_round == 5
+    assert start_state(Plan(0, 1, deliver=False)).phase == "latent-stats"
+    save_state(tmp_path, state)
+    assert load_state(tmp_path) == state
+    assert isinstance(ServerState.from_json(state.to_json()), ServerState)
+
+
+def test_settings_from_run_config():
+    s = Settings.from_run_config({"lae-rounds": 3, "transfer-dtype": "bf16", "resume": "true", "server-ema": 0.9})
+    assert (s.lae_rounds, s.transfer_dtype, s.resume, s.server_ema) == (3, "bf16", True, 0.9)
+    with pytest.raises(ValueError, match="transfer-dtype"):
+        Settings.from_run_config({"transfer-dtype": "int8"})
+    with pytest.raises(ValueError, match="proximal-mu"):
+        Settings.from_run_config({"strategy": "fedprox"})
+    assert math.isclose(decode_tensor(to_record({"x": torch.tensor(2.0)})["x"]).item(), 2.0)
