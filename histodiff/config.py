@@ -13,7 +13,10 @@ from typing import Any, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+import os
+
+# the repository's configs/; HISTODIFF_CONFIGS points elsewhere (e.g. a site's own profiles)
+CONFIG_DIR = Path(os.environ.get("HISTODIFF_CONFIGS", Path(__file__).resolve().parent.parent / "configs"))
 
 
 @dataclass
@@ -130,6 +133,27 @@ class SampleConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """The labeled-site pipeline (``python -m client.augment``): decoder fine-tuning, guidance, selection."""
+
+    ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 3.0])  # selective synthetic / real per class
+    random_ratios: list[float] = field(default_factory=lambda: [0.5])  # the "random" control rows
+    tau: float = 0.5  # minimum baseline-classifier confidence for the target class
+    candidates_factor: float = 2.0  # candidates per class = factor x the largest quota
+    sample_batch_size: int = 16
+    feature_threshold: float = 1.0e-3  # memorisation guard: drop tiles nearer a real tile (feature L2)
+    pixel_threshold: float = 0.02  # ... or nearer in pixels (RMS over [0, 1] pixels)
+    seeds: list[int] = field(default_factory=lambda: [0])  # downstream seeds; mean +- std when several
+    lambda_ce: float = 0.1  # weight of CE(phi(D'(z)), y) in decoder fine-tuning (paper eq. 5)
+    decoder_steps: int = 500
+    decoder_lr: float = 1.0e-5
+    val_fraction: float = 0.2  # validation split carved from the labeled training tiles
+    min_val_per_class: int = 1
+    latent_eval_timesteps: list[int] = field(default_factory=lambda: [0, 250, 500, 750, 999])
+    grid_tiles: int = 8  # real and synthetic tiles per class in grids/<CLASS>.png
+
+
+@dataclass
 class Config:
     profile: str = MISSING
     stage: str = "lae"  # lae | dm | sample
@@ -147,6 +171,7 @@ class Config:
     weights: WeightsConfig = field(default_factory=WeightsConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 class ConfigError(ValueError):
@@ -207,13 +232,20 @@ def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "con
 
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip()
-    first = text.splitlines()[0] if text else type(exc).__name__
-    if "not in struct" in text or "Could not override" in text or "Key '" in text and "not" in text:
+    cause = exc.__cause__
+    if cause is not None and "full_key:" in str(cause):
+        lines = str(cause).strip().splitlines()
+        key = next(line.split("full_key:")[1].strip() for line in lines if "full_key:" in line)
+        if "not in" in lines[0] and lines[0].startswith("Key '"):
+            return f"unknown config key '{key}' (see configs/ for the keys that exist)"
+        return f"bad value for config key '{key}': {lines[0]}"  # a value of the wrong type
+    if "not in struct" in text or "Could not override" in text or ("Key '" in text and "not" in text):
         key = text.split("'")[1] if "'" in text else "?"
         return f"unknown config key '{key}' (see configs/ for the keys that exist)"
-    if "Value '" in text and ("could not be converted" in text or "is not a valid" in text):
-        return "bad config value: " + first
-    return "bad config: " + first
+    if "Could not find 'profile/" in text:
+        name = text.split("'profile/")[1].split("'")[0]
+        return f"unknown profile '{name}': use profile=tiny or profile=paper"
+    return "bad config: " + (text.splitlines()[0] if text else type(exc).__name__)
 
 
 def to_yaml(cfg: DictConfig) -> str:

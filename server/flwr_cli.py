@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -27,7 +28,8 @@ def flower_env(flwr_home: Path | None = None) -> dict[str, str]:
                FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", PYTHONUNBUFFERED="1")
     if flwr_home is not None:
         env["FLWR_HOME"] = str(flwr_home)
-        env.setdefault("RAY_TMPDIR", str(Path(flwr_home) / "ray"))
+        # Ray's socket paths must stay under 107 bytes: a short folder of our own, not one under the run dir
+        env.setdefault("RAY_TMPDIR", str(Path(tempfile.gettempdir()) / f"hdfed-ray-{os.getuid()}"))
     return env
 
 

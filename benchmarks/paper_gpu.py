@@ -1,0 +1,101 @@
+"""Paper-profile throughput on a GPU: LAE and DM train steps and DDIM sampling, in tiles/s.
+
+One command on a GPU machine: ``python -m benchmarks.paper_gpu`` (uses bf16 autocast and
+channels_last as training does; ``--profile tiny`` runs the same measurement on a CPU in seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch.utils.data import TensorDataset
+
+from histodiff.config import compose
+from histodiff.diffusion import build_ddim
+from histodiff.models import build_autoencoder, build_unet
+from histodiff.sampling import ddim_sample
+from histodiff.training.common import make_trainer, resolve_precision, step_loader
+from histodiff.training.dm import DMModule
+from histodiff.training.lae import LAEModule
+
+
+class _Window:
+    """Lightning callback: wall time of the batches after ``skip`` warm-up ones."""
+
+    def __init__(self, skip: int):
+        import lightning as L
+
+        outer = self
+
+        class Callback(L.Callback):
+            def on_train_batch_start(self, trainer, module, batch, idx):
+                if idx == skip:
+                    if torch.cuda.is_available():
+                        torch.cuda.synchronize()
+                    outer.t0 = time.perf_counter()
+
+            def on_train_batch_end(self, trainer, module, outputs, batch, idx):
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                outer.elapsed = time.perf_counter() - outer.t0
+
+        self.callback, self.t0, self.elapsed = Callback(), 0.0, 0.0
+
+
+def _fit(cfg, module, data, steps, skip) -> float:
+    window = _Window(skip)
+    trainer = make_trainer(cfg.train, steps + skip, False, [window.callback], progress=False)
+    trainer.fit(module, step_loader(data, cfg.tiles.batch_size, steps + skip, 0))
+    return steps * cfg.tiles.batch_size / window.elapsed
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--profile", default="paper")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--skip", type=int, default=3)
+    parser.add_argument("--sample-batch", type=int, default=16)
+    parser.add_argument("--ddim-steps", type=int, default=None)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    cfg = compose([f"profile={args.profile}", "lae.disc_start=0", "train.devices=1", *args.overrides])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    size, batch = cfg.tiles.image_size, cfg.tiles.batch_size
+    n = batch * 4
+    data = TensorDataset(torch.rand(n, 3, size, size) * 2 - 1, torch.zeros(n, dtype=torch.long))
+    print(f"profile {args.profile} on {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}; "
+          f"precision {resolve_precision(cfg.train.precision, cfg.train.accelerator)}; batch {batch}; {size}x{size}")
+
+    lae = _fit(cfg, LAEModule(cfg), data, args.steps, args.skip)
+    print(f"LAE train step (G + D + LPIPS): {lae:.1f} tiles/s")
+    if device == "cuda":
+        print(f"  peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+        torch.cuda.reset_peak_memory_stats()
+
+    dm = _fit(cfg, DMModule(cfg, build_autoencoder(cfg.lae), 1.0), data, args.steps, args.skip)
+    print(f"DM train step (encode + UNet + EMA): {dm:.1f} tiles/s")
+    if device == "cuda":
+        print(f"  peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+
+    unet = build_unet(cfg).to(device).eval()
+    if device == "cuda":
+        unet = unet.to(memory_format=torch.channels_last)
+    steps = args.ddim_steps or cfg.dm.ddim_steps
+    dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    gen = torch.Generator(device=device).manual_seed(0)
+    with torch.autocast(device_type=device, dtype=dtype, enabled=dtype != torch.float32):
+        ddim_sample(unet, build_ddim(cfg.dm), 2, 2, generator=gen)  # warm-up
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        ddim_sample(unet, build_ddim(cfg.dm), args.sample_batch, steps, generator=gen)
+        if device == "cuda":
+            torch.cuda.synchronize()
+    elapsed = time.perf_counter() - t0
+    print(f"DDIM sampling ({steps} steps, batch {args.sample_batch}): {args.sample_batch / elapsed:.2f} tiles/s")
+
+
+if __name__ == "__main__":
+    main()
