@@ -46,12 +46,14 @@ def decode_latents(autoencoder, z: torch.Tensor, scale_factor: float, batch_size
 def save_tiles(images: torch.Tensor, out_dir: Path, prefix: str = "tile") -> list[Path]:
     from PIL import Image
 
+    from histodiff.data import to_uint8_image
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, img in enumerate(images):
         path = out_dir / f"{prefix}_{i:04d}.png"
-        Image.fromarray(to_uint8(img)).save(path)
+        Image.fromarray(to_uint8_image(img)).save(path)
         paths.append(path)
     return paths
 
@@ -64,6 +66,3 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int = 8) -> Path:
     save_image((images + 1) / 2, str(path), nrow=nrow, padding=2, pad_value=1.0)
     return path
 
-
-def to_uint8(img: torch.Tensor):
-    return ((img.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()

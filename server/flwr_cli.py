@@ -117,6 +117,9 @@ def register_keys(flwr_home: Path, public_keys: list[Path], timeout: float = 60.
     for key in public_keys:
         res = subprocess.run(["flwr", "supernode", "register", str(key), CONNECTION], env=env, capture_output=True,
                              text=True, timeout=timeout)
+        if res.returncode != 0 and "already in use" in (res.stdout + res.stderr):
+            log.info("%s was registered before", key.name)  # a resumed SuperLink keeps its database
+            continue
         if res.returncode != 0:
             raise RuntimeError(f"registering {key.name} failed: {(res.stdout + res.stderr).strip()[-500:]}")
         log.info("registered %s", key.name)

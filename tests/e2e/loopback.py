@@ -11,8 +11,14 @@ from server import flwr_cli
 
 REPO = Path(__file__).resolve().parents[2]
 OVERRIDES = "weights.perceptual=random lae.perceptual_weight=0 tiles.batch_size=4 tiles.image_size=32"
-RUN_CONFIG = (f'overrides="{OVERRIDES}" lae-rounds=1 dm-rounds=1 local-steps=1 min-sites=2 deliver=false '
-              'round-timeout=120.0 wait-timeout=60.0')
+RUN_CONFIG = {"overrides": f'"{OVERRIDES}"', "lae-rounds": "1", "dm-rounds": "1", "local-steps": "1",
+              "min-sites": "2", "deliver": "false", "round-timeout": "120.0", "wait-timeout": "60.0"}
+
+
+def run_config(**extra: str) -> str:
+    """The e2e run config as ``flwr run --run-config`` text; ``extra`` (kebab keys with _) overrides."""
+    values = dict(RUN_CONFIG, **{k.replace("_", "-"): v for k, v in extra.items()})
+    return " ".join(f"{k}={v}" for k, v in values.items())
 
 
 def make_sites(root: Path, n: int, per_class: int = 1) -> list[Path]:

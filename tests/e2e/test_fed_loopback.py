@@ -10,7 +10,7 @@ from server import flwr_cli
 from server.certs import create
 from strategies.checkpoint import read_metrics
 from strategies.schedule import load_state
-from tests.e2e.loopback import RUN_CONFIG, Processes, make_sites, wait_for
+from tests.e2e.loopback import Processes, make_sites, run_config, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -22,9 +22,9 @@ def procs(tmp_path):
     p.stop_all()
 
 
-def _server_cmd(run_dir, port, certs, extra=""):
+def _server_cmd(run_dir, port, certs, **extra):
     return [sys.executable, "-m", "server.run", "--run-dir", str(run_dir), "--port", str(port), "--certs", str(certs),
-            "--config", f"{RUN_CONFIG} {extra}".strip(), "--timeout", "420"]
+            "--config", run_config(**extra), "--timeout", "420"]
 
 
 @pytest.mark.timeout(600)
@@ -67,12 +67,12 @@ def test_unregistered_supernode_is_refused(tmp_path, procs):
     assert "Exit Code: 305" in (tmp_path / "logs" / "intruder.log").read_text()  # Flower's "not authorised"
 
 
-def _start_federation(tmp_path, procs, extra=""):
+def _start_federation(tmp_path, procs, **extra):
     certs = create(tmp_path / "certs", 3)
     sites = make_sites(tmp_path / "data", 3)
     port = flwr_cli.free_port()
     run_dir = tmp_path / "run"
-    server = procs.start("server", _server_cmd(run_dir, port, certs, extra))
+    server = procs.start("server", _server_cmd(run_dir, port, certs, **extra))
     wait_for(lambda: (run_dir / "coordinator.json").exists() or server.poll() is not None, 120, "the SuperLink")
     nodes = [procs.supernode(f"site{i}", d, f"127.0.0.1:{port}", certs, certs / "sites" / f"site{i}", tmp_path / f"w{i}")
              for i, d in enumerate(sites)]
@@ -82,8 +82,9 @@ def _start_federation(tmp_path, procs, extra=""):
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_supernode_killed_mid_round_run_completes(tmp_path, procs):
-    run_dir, server, nodes, _, _ = _start_federation(tmp_path, procs, "lae-rounds=2 round-timeout=60.0")
-    wait_for(lambda: read_metrics(run_dir), 400, "the first round")
+    run_dir, server, nodes, _, _ = _start_federation(tmp_path, procs, lae_rounds="2", round_timeout="60.0")
+    wait_for(lambda: read_metrics(run_dir) or server.poll() is not None, 400, "the first round")
+    assert server.poll() is None, (tmp_path / "logs" / "server.log").read_text()[-3000:]
     flwr_cli.stop(nodes[2], grace=0.1)  # site2 disappears while the next round is running
     assert server.wait(timeout=600) == 0, (tmp_path / "logs" / "server.log").read_text()[-3000:]
     metrics = read_metrics(run_dir)
@@ -96,8 +97,9 @@ def test_supernode_killed_mid_round_run_completes(tmp_path, procs):
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_server_killed_and_resumed(tmp_path, procs):
-    run_dir, server, nodes, port, certs = _start_federation(tmp_path, procs, "lae-rounds=2")
-    wait_for(lambda: read_metrics(run_dir), 400, "the first round")
+    run_dir, server, nodes, port, certs = _start_federation(tmp_path, procs, lae_rounds="2")
+    wait_for(lambda: read_metrics(run_dir) or server.poll() is not None, 400, "the first round")
+    assert server.poll() is None, (tmp_path / "logs" / "server.log").read_text()[-3000:]
     link_pid = json.loads((run_dir / "coordinator.json").read_text())["superlink_pid"]
     import os
     import signal

@@ -1,0 +1,63 @@
+"""Cost per tile of classifier-guided vs unguided DDIM sampling at a profile, measured in one run.
+
+``python -m benchmarks.guidance_cost [--profile tiny] [--tiles 32] [--steps 20] [--repeats 3]`` prints
+seconds per tile of both samplers and their ratio (guided / unguided; the target is <= 1.6x at tiny).
+Guided and unguided runs alternate on the same seeds, so machine noise hits both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from histodiff.config import compose
+from histodiff.diffusion import build_ddim
+from histodiff.guidance import classifier_guidance, ddim_sample_seeded
+from histodiff.models import build_latent_classifier, build_unet
+
+
+def measure(profile: str, tiles: int, steps: int, repeats: int, overrides: list[str]) -> dict[str, float]:
+    cfg = compose([f"profile={profile}", *overrides])
+    torch.manual_seed(0)
+    unet = build_unet(cfg).eval().requires_grad_(False)
+    clf = build_latent_classifier(cfg).eval().requires_grad_(False)
+    scheduler = build_ddim(cfg.dm)
+    seeds = list(range(tiles))
+    labels = torch.arange(tiles) % cfg.latent_classifier.num_classes
+    guide = classifier_guidance(clf, scheduler.alphas_cumprod, labels, cfg.dm.guidance_scale)
+    ddim_sample_seeded(unet, scheduler, seeds, 2, guidance=guide)  # warm-up (allocator, kernels)
+    times = {"unguided": [], "guided": []}
+    for _ in range(repeats):
+        for name, g in (("unguided", None), ("guided", guide)):
+            start = time.perf_counter()
+            ddim_sample_seeded(unet, scheduler, seeds, steps, cfg.dm.eta, g)
+            times[name].append(time.perf_counter() - start)
+    # the minimum over repeats is the least disturbed by other processes on a shared machine
+    best = {k: min(v) / tiles for k, v in times.items()}
+    return {"unguided_s_per_tile": best["unguided"], "guided_s_per_tile": best["guided"],
+            "ratio": best["guided"] / best["unguided"], "tiles": tiles, "steps": steps, "repeats": repeats,
+            "latent": f"{unet.config.in_channels}x{unet.config.sample_size}x{unet.config.sample_size}",
+            "unet_params": sum(p.numel() for p in unet.parameters()),
+            "classifier_params": sum(p.numel() for p in clf.parameters())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", default="tiny")
+    parser.add_argument("--tiles", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    torch.set_grad_enabled(False)
+    r = measure(args.profile, args.tiles, args.steps, args.repeats, args.overrides)
+    print(f"profile {args.profile}, latents {r['latent']}, UNet {r['unet_params'] / 1e6:.2f} M, latent classifier "
+          f"{r['classifier_params'] / 1e6:.2f} M params; {r['tiles']} tiles x {r['steps']} DDIM steps, best of {r['repeats']}")
+    print(f"unguided {r['unguided_s_per_tile'] * 1e3:.1f} ms/tile, guided {r['guided_s_per_tile'] * 1e3:.1f} ms/tile, "
+          f"ratio {r['ratio']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

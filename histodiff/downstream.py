@@ -1,0 +1,206 @@
+"""Downstream (and auxiliary) image classifiers: validation carving, training with model selection on the
+validation split, dataset-level metrics (torchmetrics), features for selection.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from histodiff.errors import InputError
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------- splits
+
+
+def carve_validation(labels: Sequence[int], fraction: float, min_per_class: int, seed: int,
+                     class_names: Sequence[str] | None = None) -> tuple[list[int], list[int]]:
+    """Stratified (train, val) positions: per class max(min_per_class, round(fraction * n)) go to val.
+
+    The test set is never an input here, so model selection cannot see it.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    by_class: dict[int, list[int]] = {}
+    for i, y in enumerate(labels):
+        by_class.setdefault(int(y), []).append(i)
+    train, val = [], []
+    for c in sorted(by_class):
+        members = by_class[c]
+        n_val = max(min_per_class, int(round(fraction * len(members))))
+        if len(members) < n_val + 1:
+            name = class_names[c] if class_names is not None else str(c)
+            raise InputError(f"class {name} has {len(members)} labeled tile(s); at least {n_val + 1} are needed "
+                             f"({n_val} for the validation split, 1 for training)")
+        order = [members[j] for j in torch.randperm(len(members), generator=gen).tolist()]
+        val += order[:n_val]
+        train += order[n_val:]
+    return sorted(train), sorted(val)
+
+
+# ------------------------------------------------------------------------------------------- training
+
+
+def fit_input(x: torch.Tensor, img_size: int) -> torch.Tensor:
+    """Resize tiles to the classifier's input size (e.g. 256 px tiles for a 224 px ViT)."""
+    if x.shape[-1] != img_size or x.shape[-2] != img_size:
+        x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", align_corners=False, antialias=True)
+    return x
+
+
+def colour_jitter(x: torch.Tensor, strength: float = 0.1) -> torch.Tensor:
+    """Modest per-tile brightness, contrast and saturation jitter on [-1, 1] images (stain variation)."""
+    b = x.shape[0]
+    shape = (b, 1, 1, 1)
+    bright = (torch.rand(shape, device=x.device) * 2 - 1) * strength
+    contrast = 1 + (torch.rand(shape, device=x.device) * 2 - 1) * strength
+    sat = 1 + (torch.rand(shape, device=x.device) * 2 - 1) * strength
+    grey = x.mean(dim=1, keepdim=True)
+    x = grey + (x - grey) * sat
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    return ((x - mean) * contrast + mean + bright).clamp(-1, 1)
+
+
+class ClassifierModule(L.LightningModule):
+    """A timm classifier trained with cross-entropy; keeps the weights of its best validation epoch."""
+
+    def __init__(self, model: torch.nn.Module, img_size: int, lr: float, weight_decay: float, epochs: int,
+                 num_classes: int, name: str = "classifier", jitter: float = 0.1) -> None:
+        super().__init__()
+        self.model, self.img_size, self.lr, self.wd, self.epochs = model, img_size, lr, weight_decay, epochs
+        self.num_classes, self.name, self.jitter = num_classes, name, jitter
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.best = (-1.0, float("inf"))  # (val accuracy, val loss): higher accuracy, then lower loss
+        self.history: list[dict[str, float]] = []
+        self._val: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._train_loss: list[float] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(fit_input(x, self.img_size))
+
+    def _common_step(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x, y = batch
+        logits = self(x)
+        return F.cross_entropy(logits, y), logits, y
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        if self.jitter > 0:
+            x = colour_jitter(x, self.jitter)
+        loss, _, _ = self._common_step((x, y))
+        self._train_loss.append(float(loss.detach()))
+        self.log("train_loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        _, logits, y = self._common_step(batch)
+        self._val.append((logits.detach().float().cpu(), y.cpu()))
+
+    def on_validation_epoch_end(self) -> None:
+        logits = torch.cat([v[0] for v in self._val])
+        y = torch.cat([v[1] for v in self._val])
+        self._val.clear()
+        acc = float((logits.argmax(1) == y).float().mean())
+        loss = float(F.cross_entropy(logits, y))
+        train_loss = sum(self._train_loss) / max(1, len(self._train_loss))
+        self._train_loss.clear()
+        epoch = self.current_epoch + 1
+        self.history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": loss, "val_accuracy": acc})
+        if (acc, -loss) > (self.best[0], -self.best[1]):
+            self.best = (acc, loss)
+            self.best_state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+        log.info("%s: epoch %d/%d train loss %.4f, val loss %.4f, val accuracy %.3f", self.name, epoch,
+                 self.epochs, train_loss, loss, acc)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.model.parameters(), lr=self.lr, weight_decay=self.wd)
+
+
+def loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0, num_workers: int = 0) -> DataLoader:
+    gen = torch.Generator().manual_seed(seed)
+    # BatchNorm cannot train on a batch of one: drop a ragged last batch when there is more than one batch
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=gen, num_workers=num_workers,
+                      drop_last=shuffle and len(dataset) > batch_size)
+
+
+@dataclass
+class TrainedClassifier:
+    model: torch.nn.Module
+    img_size: int
+    best_val_accuracy: float
+    history: list[dict[str, float]]
+
+
+def train_classifier(clf_cfg, train_cfg, train_set: Dataset, val_set: Dataset, num_classes: int, seed: int,
+                     batch_size: int, name: str = "classifier") -> TrainedClassifier:
+    """Train a timm model from ``clf_cfg``; return the weights of its best epoch on ``val_set``."""
+    from histodiff.models import build_image_classifier
+    from histodiff.training.common import quiet_libraries, resolve_precision, seed_everything
+
+    quiet_libraries()
+    seed_everything(seed)
+    model = build_image_classifier(clf_cfg, num_classes)
+    module = ClassifierModule(model, clf_cfg.img_size, clf_cfg.lr, clf_cfg.weight_decay, clf_cfg.epochs,
+                              num_classes, name)
+    # one device: the best-epoch weights are kept in this process's memory
+    trainer = L.Trainer(accelerator=train_cfg.accelerator, devices=1,
+                        precision=resolve_precision(train_cfg.precision, train_cfg.accelerator),
+                        max_epochs=clf_cfg.epochs, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=bool(train_cfg.progress), enable_model_summary=False,
+                        num_sanity_val_steps=0)
+    trainer.fit(module, loader(train_set, batch_size, True, seed), loader(val_set, batch_size, False))
+    if module.best_state is not None:
+        model.load_state_dict(module.best_state)
+    return TrainedClassifier(model.cpu().eval(), clf_cfg.img_size, module.best[0], module.history)
+
+
+# ------------------------------------------------------------------------------------------- inference
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, dataset: Dataset, img_size: int, batch_size: int = 32,
+            device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits, pooled features, labels) over a whole dataset, in order."""
+    model = model.to(device).eval()
+    logits, feats, labels = [], [], []
+    for x, y in loader(dataset, batch_size, False):
+        f = model.forward_head(model.forward_features(fit_input(x.to(device), img_size)), pre_logits=True)
+        feats.append(f.float().cpu())
+        logits.append(model.get_classifier()(f).float().cpu())
+        labels.append(torch.as_tensor(y))
+    return torch.cat(logits), torch.cat(feats), torch.cat(labels)
+
+
+def evaluate(logits: torch.Tensor, labels: torch.Tensor, num_classes: int,
+             class_names: Sequence[str] | None = None) -> dict[str, Any]:
+    """Dataset-level metrics in one pass over all predictions: accuracy (micro), macro F1, macro sensitivity
+    (recall), macro specificity; a per-class table and the confusion matrix (rows: true, columns: predicted)."""
+    from torchmetrics.functional.classification import (multiclass_accuracy, multiclass_confusion_matrix,
+                                                        multiclass_f1_score, multiclass_precision,
+                                                        multiclass_recall, multiclass_specificity)
+
+    preds = logits.argmax(dim=1)
+    kw = dict(num_classes=num_classes)
+    names = list(class_names) if class_names is not None else [str(c) for c in range(num_classes)]
+    per = {key: fn(preds, labels, average=None, **kw).tolist() for key, fn in
+           (("precision", multiclass_precision), ("sensitivity", multiclass_recall),
+            ("specificity", multiclass_specificity), ("f1", multiclass_f1_score))}
+    confusion = multiclass_confusion_matrix(preds, labels, **kw)
+    support = confusion.sum(dim=1).tolist()
+    return {
+        "accuracy": float(multiclass_accuracy(preds, labels, average="micro", **kw)),
+        "f1": float(multiclass_f1_score(preds, labels, average="macro", **kw)),
+        "sensitivity": float(multiclass_recall(preds, labels, average="macro", **kw)),
+        "specificity": float(multiclass_specificity(preds, labels, average="macro", **kw)),
+        "n": int(len(labels)),
+        "per_class": [{"class": names[c], "support": int(support[c]), **{k: float(v[c]) for k, v in per.items()}}
+                      for c in range(num_classes)],
+        "confusion": confusion.tolist(),
+    }

@@ -1,0 +1,91 @@
+"""Report files: Table 1 (markdown + CSV), confusion-matrix PNGs, real-vs-synthetic grids per class."""
+
+from __future__ import annotations
+
+import csv
+import statistics
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from PIL import Image, ImageDraw
+
+METRICS = ["accuracy", "f1", "sensitivity", "specificity"]
+TABLE_COLUMNS = ["setting", "row", "n_synthetic", "fid", "kid", *[f"{m}_{s}" for m in METRICS for s in ("mean", "std")],
+                 "seeds", "quota_met"]
+
+
+def row_label(setting: str) -> str:
+    if setting == "baseline":
+        return "baseline, real only"
+    kind, pct = setting.rsplit("_", 1)
+    return f"+ {kind} {pct}%"
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
+
+
+def table_rows(results: dict) -> list[dict]:
+    rows = []
+    for setting, res in results["settings"].items():
+        runs = list(res["seeds"].values())
+        row = {"setting": setting, "row": row_label(setting), "n_synthetic": res.get("n_synthetic", 0),
+               "fid": res.get("fid"), "kid": res.get("kid"), "seeds": ";".join(res["seeds"]),
+               "quota_met": res.get("quota_met", True)}
+        for m in METRICS:
+            row[f"{m}_mean"], row[f"{m}_std"] = mean_std([r[m] for r in runs])
+        rows.append(row)
+    return rows
+
+
+def write_tables(rows: list[dict], out: Path, several_seeds: bool) -> None:
+    with open(out / "table1.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=TABLE_COLUMNS)
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: (f"{v:.4f}" if isinstance(v, float) else ("" if v is None else v)) for k, v in r.items()})
+    lines = ["| setting | FID | accuracy | F1 | sensitivity | specificity |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        fid = "-" if r["fid"] is None else f"{r['fid']:.3f}"
+        cells = [f"{r[m + '_mean']:.3f} ± {r[m + '_std']:.3f}" if several_seeds else f"{r[m + '_mean']:.3f}"
+                 for m in METRICS]
+        flag = "" if r["quota_met"] else " (quota not met)"
+        lines.append(f"| {r['row']}{flag} | {fid} | " + " | ".join(cells) + " |")
+    (out / "table1.md").write_text("\n".join(lines) + "\n")
+
+
+def confusion_png(confusion: list[list[int]], classes: list[str], title: str, path: Path, cell: int = 34) -> Path:
+    """Row-normalised shading, counts in the cells; rows are true classes, columns predictions."""
+    n = len(classes)
+    left, top = 60, 40
+    img = Image.new("RGB", (left + n * cell + 10, top + n * cell + 30), "white")
+    draw = ImageDraw.Draw(img)
+    draw.text((5, 5), title, fill="black")
+    for i in range(n):
+        total = max(1, sum(confusion[i]))
+        draw.text((5, top + i * cell + cell // 3), classes[i][:7], fill="black")
+        draw.text((left + i * cell + 2, top + n * cell + 8), classes[i][:5], fill="black")
+        for j in range(n):
+            v = confusion[i][j]
+            shade = int(255 - 200 * v / total)
+            box = (left + j * cell, top + i * cell, left + (j + 1) * cell - 1, top + (i + 1) * cell - 1)
+            draw.rectangle(box, fill=(shade, shade, 255), outline=(200, 200, 200))
+            draw.text((box[0] + 4, box[1] + cell // 3), str(v), fill="black" if shade > 120 else "white")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
+
+
+def class_grid(real: torch.Tensor, synthetic: torch.Tensor, n: int, path: Path) -> Path:
+    """Top row real tiles, bottom row synthetic ones (blank where fewer than ``n`` exist)."""
+    from histodiff.sampling import save_grid
+
+    size = real.shape[-1] if len(real) else synthetic.shape[-1]
+    blank = torch.ones(1, 3, size, size)
+
+    def row(x: torch.Tensor) -> torch.Tensor:
+        x = x[:n]
+        return torch.cat([x, blank.expand(n - len(x), -1, -1, -1)]) if len(x) < n else x
+
+    return save_grid(torch.cat([row(real), row(synthetic)]), path, nrow=n)

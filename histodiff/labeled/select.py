@@ -1,0 +1,62 @@
+"""Table rows' synthetic sets (random control and selective ratios) and ``synthetic/manifest.csv``."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import torch
+
+from histodiff.selection import CandidateScores, Selection, quotas, select_random, select_selective
+
+MANIFEST_COLUMNS = ["path", "class", "seed", "guidance_scale", "ddim_steps", "eta", "confidence", "dist_to_own_centroid",
+                    "nearest_other_centroid", "dist_to_nearest_other", "nearest_centroid", "nn_real_feature_dist",
+                    "nn_real_pixel_rms", "memorised", "selected", "selected_in", "why"]
+
+
+def setting_name(kind: str, ratio: float) -> str:
+    return f"{kind}_{round(ratio * 100)}"
+
+
+def make_selections(cfg, scores: dict[str, torch.Tensor], train_counts: dict[int, int]) -> list[Selection]:
+    a = cfg.augment
+    memorised = (scores["feature_nn"] < a.feature_threshold) | (scores["pixel_nn"] < a.pixel_threshold)
+    cand = CandidateScores(scores["target"], scores["confidence"], scores["dist_own"], scores["nearest_class"],
+                           scores["nearest_other"], scores["dist_other"])
+    out = [select_random(setting_name("random", r), scores["target"], quotas(train_counts, r), memorised, cfg.seed)
+           for r in a.random_ratios]
+    out += [select_selective(setting_name("selective", r), cand, a.tau, quotas(train_counts, r), memorised)
+            for r in a.ratios]
+    return out
+
+
+def write_manifest(path: Path, records: list[dict], scores: dict[str, torch.Tensor], selections: list[Selection],
+                   classes: list[str], cfg) -> None:
+    a = cfg.augment
+    chosen = {s.name: set(s.indices) for s in selections}
+    # the widest selective row explains the filter best; the random rows otherwise
+    explain = sorted(selections, key=lambda s: (s.name.startswith("selective"), len(s.indices)))[-1] if selections else None
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=MANIFEST_COLUMNS)
+        writer.writeheader()
+        for i, rec in enumerate(records):
+            memorised = bool(scores["feature_nn"][i] < a.feature_threshold or scores["pixel_nn"][i] < a.pixel_threshold)
+            settings = [name for name, idx in chosen.items() if i in idx]
+            why = explain.reasons.get(i, "") if explain is not None else ""
+            if explain is not None:
+                why = f"{explain.name}: {why}"
+            writer.writerow({
+                "path": f"{rec['path']}", "class": rec["class"], "seed": rec["seed"],
+                "guidance_scale": rec["guidance_scale"], "ddim_steps": rec["ddim_steps"], "eta": rec["eta"],
+                "confidence": f"{float(scores['confidence'][i]):.4f}",
+                "dist_to_own_centroid": f"{float(scores['dist_own'][i]):.4f}",
+                "nearest_other_centroid": classes[int(scores["nearest_other"][i])],
+                "dist_to_nearest_other": f"{float(scores['dist_other'][i]):.4f}",
+                "nearest_centroid": classes[int(scores["nearest_class"][i])],
+                "nn_real_feature_dist": f"{float(scores['feature_nn'][i]):.4f}",
+                "nn_real_pixel_rms": f"{float(scores['pixel_nn'][i]):.4f}",
+                "memorised": "yes" if memorised else "no",
+                "selected": "yes" if settings else "no", "selected_in": ";".join(settings), "why": why,
+            })
+    tmp.replace(path)
