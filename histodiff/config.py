@@ -154,6 +154,22 @@ class AugmentConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    """Differential privacy of what leaves a site (histodiff/privacy, strategies/privacy.py, client/privacy.py)."""
+
+    dp: bool = False  # DP-SGD at each site (mode=local) or clipped updates + server noise (mode=central)
+    mode: str = "local"  # local: opacus DP-SGD at the site | central: Flower client clipping + server noise
+    target_epsilon: float = 8.0  # the site's whole budget, all rounds and both phases together
+    delta: float = 1.0e-5
+    max_grad_norm: float = 1.0  # local: per-sample gradient clip; central: clip of each site's update
+    noise_multiplier: Optional[float] = None  # null: derived from target_epsilon over planned_steps
+    planned_steps: int = 0  # DP steps this site will take in the whole run (needed when noise_multiplier is null)
+    secagg: bool = False  # SecAgg+ (legacy Flower workflow): the server sees only the sum of updates
+    secagg_clipping_range: float = 8.0  # SecAgg+ quantisation range for each array value
+    secagg_quantization_range: int = 4194304  # 2**22 levels
+
+
+@dataclass
 class Config:
     profile: str = MISSING
     stage: str = "lae"  # lae | dm | sample
@@ -172,6 +188,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
 
 class ConfigError(ValueError):
@@ -183,6 +200,7 @@ _CHOICES = {
     "dm.loss": ("l2", "l1"),
     "weights.perceptual": ("imagenet", "random"),
     "weights.inception": ("pretrained", "random"),
+    "privacy.mode": ("local", "central"),
 }
 
 
@@ -198,6 +216,12 @@ def _validate(cfg: DictConfig) -> None:
         raise ConfigError("dm.unet.attention_levels must have one entry per dm.unet.block_out_channels level")
     if cfg.dm.ddim_steps > cfg.dm.num_train_timesteps:
         raise ConfigError("dm.ddim_steps cannot exceed dm.num_train_timesteps")
+    privacy = cfg.get("privacy")
+    if privacy is not None and privacy.dp:
+        if not 0 < privacy.delta < 1 or privacy.target_epsilon <= 0 or privacy.max_grad_norm <= 0:
+            raise ConfigError("privacy needs 0 < delta < 1, target_epsilon > 0 and max_grad_norm > 0")
+        if privacy.noise_multiplier is None and privacy.mode == "local" and privacy.planned_steps <= 0:
+            raise ConfigError("privacy.noise_multiplier is null: set privacy.planned_steps (DP steps of the whole run)")
     factor = 2 ** (len(cfg.lae.block_out_channels) - 1)
     if cfg.tiles.image_size % factor:
         raise ConfigError(f"tiles.image_size {cfg.tiles.image_size} is not divisible by the LAE factor {factor}")
@@ -223,7 +247,7 @@ def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "con
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as exc:
-        raise ConfigError(_one_line(exc)) from None
+        raise ConfigError(_one_line(exc)) from (exc if os.environ.get("HISTODIFF_DEBUG") else None)
     finally:
         GlobalHydra.instance().clear()
     _validate(cfg)
@@ -261,6 +285,8 @@ def main_guard(fn):
         try:
             return fn(sys.argv[1:] if argv is None else argv) or 0
         except (ConfigError, InputError) as exc:
+            if os.environ.get("HISTODIFF_DEBUG"):
+                raise
             print(f"error: {exc}", file=sys.stderr)
             return 2
 

@@ -19,8 +19,8 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m histodiff.demo", description=__doc__)
     parser.add_argument("--out", default="runs/demo", help="run directory")
     parser.add_argument("--per-class", type=int, default=40, help="phantom tiles per class")
-    parser.add_argument("--lae-steps", type=int, default=600)
-    parser.add_argument("--dm-steps", type=int, default=800)
+    parser.add_argument("--lae-steps", type=int, default=200)
+    parser.add_argument("--dm-steps", type=int, default=600)
     parser.add_argument("overrides", nargs="*", help="config overrides key=value")
     args = parser.parse_args(argv)
 

@@ -84,7 +84,10 @@ def main(argv: list[str] | None = None) -> int:
         if not args.superlink and certs is not None:
             keys = [Path(k) for k in args.register] if args.register is not None else sorted((certs / "sites").glob("*.pub"))
             flwr_cli.register_keys(home, keys)
-        config = f'run-dir="{run_dir}" resume={"true" if args.resume else "false"} {args.config}'.strip()
+        # a resumed run must see the same run config as the run it continues (sites read it too)
+        user_config = args.config or saved.get("config", "")
+        _save(run_dir, {**json.loads((run_dir / COORDINATOR_FILE).read_text()), "config": user_config})
+        config = f'run-dir="{run_dir}" resume={"true" if args.resume else "false"} {user_config}'.strip()
         return _submit(home, config, run_dir, args, started)
     except KeyboardInterrupt:
         log.warning("interrupted: stopping the processes this command started")

@@ -112,4 +112,5 @@ def test_server_killed_and_resumed(tmp_path, procs):
     assert resumed.wait(timeout=600) == 0, (tmp_path / "logs" / "resumed.log").read_text()[-3000:]
     phases = [m["phase"] for m in read_metrics(run_dir)]
     assert phases[-2:] == ["latent-stats", "dm"] and phases.count("lae") == 2
-    assert "resumed" in (tmp_path / "logs" / "resumed.log").read_text()
+    log = (tmp_path / "logs" / "resumed.log").read_text()
+    assert "resumed" in log and "perceptual=0 " in log  # the resumed run kept the original run config

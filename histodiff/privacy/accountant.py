@@ -1,0 +1,170 @@
+"""The site's privacy accountant: one opacus RDP accountant per site, persisted as JSON in its work directory.
+
+Every federated message runs in a fresh process, so the accountant is loaded before and saved after each
+local DP training call; epsilon therefore accumulates across rounds, both phases (LAE and DM see the same
+tiles) and restarts of the SuperNode. A new accountant per round would report one round's epsilon only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ACCOUNTANT_FILE = "privacy_accountant.json"
+
+
+class PrivacyBudgetExhausted(RuntimeError):
+    """A site refuses to train: the next steps would spend more than its target epsilon. One-line message."""
+
+
+@dataclass
+class SiteAccountant:
+    """Cumulative (epsilon, delta) of one site; ``history`` is opacus' RDP history [(sigma, q, steps), ...]."""
+
+    target_epsilon: float
+    delta: float
+    noise_multiplier: float | None = None  # fixed at the first DP step, then kept for the whole run
+    sample_rate: float | None = None
+    max_grad_norm: float | None = None
+    history: list[list[float]] = field(default_factory=list)
+    steps: dict[str, int] = field(default_factory=dict)  # DP steps per phase (lae, dm)
+    rounds: list[dict[str, Any]] = field(default_factory=list)  # one entry per training call
+    path: Path | None = None
+
+    # ------------------------------------------------------------------ persistence
+
+    @classmethod
+    def load_or_create(cls, directory: Path, target_epsilon: float, delta: float) -> "SiteAccountant":
+        """The site's accountant from ``directory`` (created once, then always loaded)."""
+        path = Path(directory) / ACCOUNTANT_FILE
+        if path.exists():
+            acc = cls.from_dict(json.loads(path.read_text()))
+            acc.path = path
+            if acc.delta != delta:
+                raise ValueError(f"{path} accounts at delta={acc.delta}, the config asks delta={delta}: "
+                                 "a site's delta cannot change mid-run")
+            acc.target_epsilon = float(target_epsilon)  # a budget may be raised or lowered by the site
+            return acc
+        return cls(float(target_epsilon), float(delta), path=path)
+
+    def save(self) -> None:
+        """Atomic write, so a crash mid-write keeps the previous (never a smaller) spend on disk."""
+        if self.path is None:
+            raise ValueError("accountant has no path")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2))
+        os.replace(tmp, self.path)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "mechanism": "DP-SGD (opacus, per-sample clipping + Gaussian noise, Poisson sampling)",
+            "accountant": "rdp",
+            "target_epsilon": self.target_epsilon, "delta": self.delta,
+            "noise_multiplier": self.noise_multiplier, "sample_rate": self.sample_rate,
+            "max_grad_norm": self.max_grad_norm, "history": self.history, "steps": self.steps,
+            "epsilon": self.epsilon(), "rounds": self.rounds,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SiteAccountant":
+        return cls(float(d["target_epsilon"]), float(d["delta"]), d.get("noise_multiplier"), d.get("sample_rate"),
+                   d.get("max_grad_norm"), [list(h) for h in d.get("history", [])], dict(d.get("steps", {})),
+                   list(d.get("rounds", [])))
+
+    # ------------------------------------------------------------------ accounting
+
+    def _opacus(self, extra_steps: int = 0):
+        from opacus.accountants import RDPAccountant
+
+        acc = RDPAccountant()
+        acc.load_state_dict({"history": [tuple(h[:2]) + (int(h[2]),) for h in self.history], "mechanism": "rdp"})
+        if extra_steps:
+            acc.history.append((self.noise_multiplier, self.sample_rate, int(extra_steps)))
+        return acc
+
+    def epsilon(self, extra_steps: int = 0) -> float:
+        """Epsilon spent at ``delta`` (after ``extra_steps`` more steps at the current noise and sample rate)."""
+        if not self.history and not extra_steps:
+            return 0.0
+        return float(self._opacus(extra_steps).get_epsilon(self.delta))
+
+    @property
+    def total_steps(self) -> int:
+        return int(sum(h[2] for h in self.history))
+
+    def fix_mechanism(self, sample_rate: float, max_grad_norm: float, noise_multiplier: float | None,
+                      planned_steps: int) -> float:
+        """Set (once) the noise multiplier: given, or the one that spends ``target_epsilon`` in ``planned_steps``."""
+        if self.noise_multiplier is None:
+            if noise_multiplier is None:
+                from opacus.accountants.utils import get_noise_multiplier
+
+                if planned_steps <= 0:
+                    raise ValueError("target-epsilon mode needs privacy.planned_steps > 0")
+                noise_multiplier = get_noise_multiplier(target_epsilon=self.target_epsilon, target_delta=self.delta,
+                                                        sample_rate=sample_rate, steps=planned_steps,
+                                                        accountant="rdp", epsilon_tolerance=0.01)
+            self.noise_multiplier = float(noise_multiplier)
+        elif noise_multiplier is not None and not math.isclose(noise_multiplier, self.noise_multiplier):
+            raise ValueError(f"privacy.noise_multiplier={noise_multiplier} but this site has trained with "
+                             f"{self.noise_multiplier}; keep it fixed for the whole run")
+        self.sample_rate, self.max_grad_norm = float(sample_rate), float(max_grad_norm)
+        return self.noise_multiplier
+
+    def check_budget(self, steps: int, site: str = "site") -> None:
+        """Refuse (one line) when ``steps`` more DP steps would spend more than ``target_epsilon``."""
+        spent = self.epsilon()
+        after = self.epsilon(steps)
+        if after > self.target_epsilon * (1 + 1e-6):
+            raise PrivacyBudgetExhausted(
+                f"{site}: privacy budget exhausted: epsilon {spent:.3f} of {self.target_epsilon:g} spent at "
+                f"delta {self.delta:g}; {steps} more DP steps would reach {after:.3f}; refusing to train")
+
+    def record_steps(self, phase: str, steps: int) -> None:
+        """Compose ``steps`` DP-SGD steps at the fixed noise multiplier and sample rate."""
+        if steps <= 0:
+            return
+        last = self.history[-1] if self.history else None
+        if last and math.isclose(last[0], self.noise_multiplier) and math.isclose(last[1], self.sample_rate):
+            last[2] = int(last[2]) + int(steps)
+        else:
+            self.history.append([self.noise_multiplier, self.sample_rate, int(steps)])
+        self.steps[phase] = self.steps.get(phase, 0) + int(steps)
+
+    def record_round(self, phase: str, steps: int, **extra: Any) -> dict[str, Any]:
+        entry = {"phase": phase, "steps": int(steps), "epsilon": self.epsilon(), "delta": self.delta,
+                 "time": time.time(), **extra}
+        self.rounds.append(entry)
+        return entry
+
+    def metrics(self) -> dict[str, float]:
+        """Scalars a site may report to the server (kebab-case, Flower metric style)."""
+        return {"dp-epsilon": self.epsilon(), "dp-delta": self.delta, "dp-target-epsilon": self.target_epsilon,
+                "dp-noise-multiplier": float(self.noise_multiplier or 0.0),
+                "dp-max-grad-norm": float(self.max_grad_norm or 0.0), "dp-sample-rate": float(self.sample_rate or 0.0),
+                "dp-steps": float(self.total_steps),
+                "dp-exhausted": float(self.remaining_steps() == 0)}
+
+    def remaining_steps(self, limit: int = 10**7) -> int:
+        """How many more DP steps fit in the budget (binary search over the RDP bound)."""
+        if self.noise_multiplier is None:
+            return limit
+        if self.epsilon(1) > self.target_epsilon:
+            return 0
+        lo, hi = 1, 1
+        while hi < limit and self.epsilon(hi) <= self.target_epsilon:
+            lo, hi = hi, hi * 2
+        hi = min(hi, limit)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self.epsilon(mid) <= self.target_epsilon:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo

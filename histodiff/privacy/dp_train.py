@@ -1,0 +1,267 @@
+"""DP-SGD local steps of a site (opacus, hooks grad-sample mode), mirroring ``train_lae_steps`` / ``train_dm_steps``.
+
+Same state-directory layout as histodiff.training.local (diffusers folders + ``training_state.pt``), so a site
+can switch between private and non-private calls; the accountant lives beside the phase folders.
+
+Why a plain PyTorch loop and not Lightning: opacus owns the optimizer step (per-sample clipping, noise,
+accounting hook) and needs Poisson-sampled batches of variable, sometimes zero, size; Lightning's manual
+optimisation and its loader/sampler handling would each have to be bypassed, leaving only indirection.
+
+LAE under DP: the adversarial term is off. Its adaptive weight takes ``autograd.grad`` through hooked layers
+(which would pollute opacus' per-sample gradient buffers), and a discriminator trained on real tiles is a
+second release of the data that would need its own DP-SGD and accounting. The private LAE is therefore
+trained with L1 + LPIPS + KL; the discriminator is not touched (what a site returns for it is what it got).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from histodiff.privacy.accountant import SiteAccountant
+from histodiff.training.common import seed_everything
+from histodiff.training.local import (
+    LocalResult,
+    _load_prefixed,
+    _prefixed,
+    lae_shared_weights,
+    load_dm_state,
+    load_lae_state,
+    save_dm_state,
+    save_lae_state,
+)
+
+log = logging.getLogger(__name__)
+
+
+class _AutoencoderForward(nn.Module):
+    """Encode, sample and decode in one forward: after wrapping, opacus exposes only ``forward``."""
+
+    def __init__(self, autoencoder: nn.Module):
+        super().__init__()
+        self.autoencoder = autoencoder
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        posterior = self.autoencoder.encode(x).latent_dist
+        x_hat = self.autoencoder.decode(posterior.sample()).sample
+        return x_hat, posterior.parameters  # the moments (mean, logvar) rebuild the posterior outside
+
+
+class _UNetForward(nn.Module):
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, zt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.unet(zt, t).sample
+
+
+def sample_rate(cfg, dataset) -> float:
+    """Poisson sampling rate q = expected batch / tiles at the site."""
+    return min(1.0, cfg.tiles.batch_size / max(1, len(dataset)))
+
+
+def poisson_batches(dataset, q: float, steps: int, seed: int) -> Iterator[torch.Tensor | None]:
+    """Each tile joins each batch independently with probability q (what the RDP analysis assumes); None: empty."""
+    generator = torch.Generator().manual_seed(seed)
+    n = len(dataset)
+    for _ in range(steps):
+        idx = (torch.rand(n, generator=generator) < q).nonzero().flatten().tolist()
+        yield torch.stack([dataset[i][0] for i in idx]) if idx else None
+
+
+def open_accountant(cfg, state_dir: Path, accountant_dir: Path | None) -> SiteAccountant:
+    """The site's accountant: one per site (shared by the LAE and DM phases), beside the phase folders."""
+    p = cfg.privacy
+    return SiteAccountant.load_or_create(Path(accountant_dir or Path(state_dir).parent), p.target_epsilon, p.delta)
+
+
+def _make_private(module: nn.Module, optimizer, noise: float, max_grad_norm: float, expected_batch: int):
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+    from opacus.validators import ModuleValidator
+
+    errors = ModuleValidator.validate(module, strict=False)
+    if errors:
+        raise ValueError(f"model cannot be trained with DP-SGD: {errors[0]}")
+    gsm = GradSampleModule(module, batch_first=True, loss_reduction="mean")  # hooks mode
+    dpo = DPOptimizer(optimizer, noise_multiplier=noise, max_grad_norm=max_grad_norm,
+                      expected_batch_size=max(1, expected_batch), loss_reduction="mean")
+    return gsm, dpo
+
+
+def _dp_step(gsm, dpo, batch: torch.Tensor | None, loss_fn: Callable[[torch.Tensor], tuple[torch.Tensor, dict]]) -> dict:
+    """One DP-SGD step; an empty Poisson batch still takes a noise-only step, as the analysis assumes."""
+    dpo.zero_grad(set_to_none=True)
+    if batch is None:
+        for p in dpo.params:
+            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+        dpo.step()
+        return {}
+    loss, logs = loss_fn(batch)
+    loss.backward()
+    dpo.step()
+    return logs
+
+
+def _finish(gsm, dpo) -> None:
+    dpo.zero_grad(set_to_none=True)
+    gsm.remove_hooks()  # the inner module is saved and reused without opacus
+
+
+def _run(cfg, dataset, state_dir, steps, accountant_dir, site, phase, step0: int):
+    """Accountant, budget check and the noise multiplier for ``steps`` DP steps from ``step0``."""
+    acc = open_accountant(cfg, state_dir, accountant_dir)
+    p = cfg.privacy
+    q = sample_rate(cfg, dataset)
+    noise = acc.fix_mechanism(q, p.max_grad_norm, p.noise_multiplier, p.planned_steps)
+    acc.check_budget(steps, site)  # raises PrivacyBudgetExhausted before touching the state
+    log.info("DP %s: sigma=%.4g C=%g q=%.4g, epsilon %.3f of %g before %d steps", phase, noise, p.max_grad_norm,
+             q, acc.epsilon(), p.target_epsilon, steps)
+    return acc, noise, q, poisson_batches(dataset, q, steps, cfg.seed + step0)
+
+
+def _close_round(acc: SiteAccountant, phase: str, steps: int, weights: dict[str, torch.Tensor], seconds: float,
+                 metrics: dict[str, float]) -> dict[str, float]:
+    acc.record_steps(phase, steps)
+    acc.record_round(phase, steps, arrays=len(weights), bytes=int(sum(v.numel() * v.element_size()
+                                                                   for v in weights.values())), seconds=seconds)
+    acc.save()
+    return {**metrics, **acc.metrics()}
+
+
+def dp_train_lae_steps(cfg, dataset, state_dir: Path, steps: int, init_weights: dict[str, torch.Tensor] | None = None,
+                       accountant_dir: Path | None = None, site: str = "site") -> LocalResult:
+    """``steps`` DP-SGD steps of the autoencoder (L1 + LPIPS + KL; see the module doc for the GAN term)."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    from histodiff.training.lae import LAEModule
+
+    state_dir = Path(state_dir)
+    start = time.time()
+    module = LAEModule(cfg)
+    load_lae_state(module, state_dir)
+    if init_weights:
+        _load_prefixed("autoencoder", module.autoencoder, init_weights)
+        _load_prefixed("discriminator", module.discriminator, init_weights)
+    acc, noise, q, batches = _run(cfg, dataset, state_dir, steps, accountant_dir, site, "lae", module.step)
+    seed_everything(cfg.seed + module.step)
+    if module.step + steps > cfg.lae.disc_start:
+        log.warning("DP LAE: the adversarial term stays off under DP (lae.disc_start=%d is ignored)", cfg.lae.disc_start)
+
+    lae = cfg.lae
+    opt_g = torch.optim.Adam(module.autoencoder.parameters(), lr=lae.lr, betas=tuple(lae.betas))
+    opt_d_state = torch.optim.Adam(module.discriminator.parameters(), lr=lae.lr).state_dict()
+    if module.optimizer_state:
+        opt_g.load_state_dict(module.optimizer_state[0])
+        opt_d_state = module.optimizer_state[1]
+    module.train()
+    gsm, dpo = _make_private(_AutoencoderForward(module.autoencoder), opt_g, noise, cfg.privacy.max_grad_norm,
+                             round(q * len(dataset)))
+    disc_start = module.loss.disc_start
+    module.loss.disc_start = 2**62  # adversarial factor 0: no autograd.grad, no discriminator forward
+
+    def loss_fn(x):
+        x_hat, moments = gsm(x)
+        loss, logs = module.loss.generator_loss(x, x_hat, DiagonalGaussianDistribution(moments), module.step,
+                                                last_layer=None)
+        return loss, logs
+
+    sums, count = defaultdict(float), 0
+    try:
+        for batch in batches:
+            logs = _dp_step(gsm, dpo, batch, loss_fn)
+            module.step += 1
+            if logs:
+                for k, v in logs.items():
+                    sums[k] += float(v)
+                count += 1
+    finally:
+        module.loss.disc_start = disc_start
+        _finish(gsm, dpo)
+    module.optimizer_state = None
+    save_lae_state(module, state_dir, [opt_g, opt_d_state])
+    weights = lae_shared_weights(module, cfg.lae.share_discriminator)
+    metrics = {k: v / max(1, count) for k, v in sums.items()}
+    metrics = _close_round(acc, "lae", steps, weights, time.time() - start, metrics)
+    return LocalResult(weights=weights, metrics=metrics, num_examples=len(dataset), step=module.step)
+
+
+def dp_train_dm_steps(cfg, dataset, state_dir: Path, steps: int, autoencoder, scale_factor: float,
+                      init_weights: dict[str, torch.Tensor] | None = None, accountant_dir: Path | None = None,
+                      site: str = "site") -> LocalResult:
+    """``steps`` DP-SGD steps of the UNet on frozen, globally scaled latents (same state as ``train_dm_steps``)."""
+    from histodiff.losses import eps_loss
+    from histodiff.training.dm import DMModule
+
+    state_dir = Path(state_dir)
+    start = time.time()
+    module = DMModule(cfg, autoencoder, scale_factor)
+    load_dm_state(module, state_dir)
+    if init_weights:
+        _load_prefixed("unet", module.unet, init_weights)
+    acc, noise, q, batches = _run(cfg, dataset, state_dir, steps, accountant_dir, site, "dm", module.step)
+    seed_everything(cfg.seed + module.step)
+
+    dm = cfg.dm
+    opt = torch.optim.AdamW(module.unet.parameters(), lr=dm.lr, weight_decay=dm.weight_decay)
+    warmup = max(1, dm.warmup_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+    if module.optimizer_state:
+        opt.load_state_dict(module.optimizer_state["optimizer"])
+        sched.load_state_dict(module.optimizer_state["scheduler"])
+    module.unet.train()
+    gsm, dpo = _make_private(_UNetForward(module.unet), opt, noise, cfg.privacy.max_grad_norm, round(q * len(dataset)))
+    T = module.noise_scheduler.config.num_train_timesteps
+
+    def loss_fn(x):
+        z0 = module.encode(x)
+        eps = torch.randn_like(z0)
+        t = torch.randint(0, T, (z0.shape[0],))
+        loss = eps_loss(gsm(module.noise_scheduler.add_noise(z0, eps, t), t).float(), eps, dm.loss)
+        return loss, {"loss": loss.detach()}
+
+    sums, count = defaultdict(float), 0
+    try:
+        for batch in batches:
+            logs = _dp_step(gsm, dpo, batch, loss_fn)
+            sched.step()
+            module.ema.step(module.unet.parameters())
+            module.step += 1
+            if logs:
+                sums["loss"] += float(logs["loss"])
+                count += 1
+            sums["lr"] += opt.param_groups[0]["lr"]
+    finally:
+        _finish(gsm, dpo)
+    save_dm_state(module, state_dir, opt, sched)
+    weights = _prefixed("unet", module.unet)
+    metrics = {"loss": sums["loss"] / max(1, count), "lr": sums["lr"] / max(1, steps)}
+    metrics = _close_round(acc, "dm", steps, weights, time.time() - start, metrics)
+    return LocalResult(weights=weights, metrics=metrics, num_examples=len(dataset), step=module.step)
+
+
+def train_steps(cfg, phase: str, *args, **kwargs) -> LocalResult:
+    """The DP function for ``phase`` when ``privacy.dp`` and mode=local, else the ordinary one (same signature)."""
+    private = bool(cfg.privacy.dp) and cfg.privacy.mode == "local"
+    if phase == "lae":
+        if private:
+            return dp_train_lae_steps(cfg, *args, **kwargs)
+        from histodiff.training.local import train_lae_steps
+
+        kwargs.pop("accountant_dir", None), kwargs.pop("site", None)
+        return train_lae_steps(cfg, *args, **kwargs)
+    if phase == "dm":
+        if private:
+            return dp_train_dm_steps(cfg, *args, **kwargs)
+        from histodiff.training.local import train_dm_steps
+
+        kwargs.pop("accountant_dir", None), kwargs.pop("site", None)
+        return train_dm_steps(cfg, *args, **kwargs)
+    raise ValueError(f"phase {phase!r}; expected lae or dm")
