@@ -5,6 +5,7 @@ Features are computed once per tile and reused: every table row and class is a s
 
 from __future__ import annotations
 
+import warnings
 from typing import Iterable
 
 import torch
@@ -12,9 +13,11 @@ from torch import nn
 
 
 @torch.no_grad()
-def inception_features(inception: nn.Module, images: Iterable[torch.Tensor]) -> torch.Tensor:
+def inception_features(inception: nn.Module, images: Iterable[torch.Tensor],
+                       device: str | torch.device = "cpu") -> torch.Tensor:
     """2048-d features of batches of images in [-1, 1] (B x 3 x H x W)."""
-    out = [inception(((x.float().clamp(-1, 1) + 1) * 127.5).round()).double().cpu() for x in images]
+    inception = inception.to(device)
+    out = [inception(((x.to(device).float().clamp(-1, 1) + 1) * 127.5).round()).double().cpu() for x in images]
     return torch.cat(out) if out else torch.empty(0, 2048, dtype=torch.float64)
 
 
@@ -62,7 +65,9 @@ def kid(real: torch.Tensor, fake: torch.Tensor, seed: int = 0, subsets: int = 20
     size = min(len(real), len(fake), 1000)
     if size < 2:
         return None
-    metric = KernelInceptionDistance(feature=_Precomputed(real.shape[1]), subset_size=size, subsets=subsets)
+    with warnings.catch_warnings():  # its memory warning is moot: features are already in memory here
+        warnings.simplefilter("ignore", UserWarning)
+        metric = KernelInceptionDistance(feature=_Precomputed(real.shape[1]), subset_size=size, subsets=subsets)
     metric.update(real, real=True)
     metric.update(fake, real=False)
     with torch.random.fork_rng():  # its subset draws use the global RNG

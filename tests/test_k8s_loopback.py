@@ -161,8 +161,8 @@ def started(tmp_path):
     procs.stop_all()
 
 
-@pytest.mark.timeout(240)
-def test_manifest_commands_bring_up_a_tls_authenticated_federation(tmp_path, started):
+def bring_up(tmp_path: Path, started: Started) -> dict:
+    """SuperLink, key registration and site0's SuperNode from the rendered manifests; returns what they used."""
     from histodiff.data.phantom import write_phantom_site
 
     site = "site0"
@@ -239,3 +239,34 @@ def test_manifest_commands_bring_up_a_tls_authenticated_federation(tmp_path, sta
     probe_cmd[0] = sys.executable
     res = subprocess.run(probe_cmd, capture_output=True, text=True, timeout=30)
     assert res.returncode == 0, res.stderr
+    return {"coordinator": coordinator, "claims": claims, "secrets": secrets, "loopback": loopback, "link": link,
+            "node": node}
+
+
+@pytest.mark.timeout(240)
+def test_manifest_commands_bring_up_a_tls_authenticated_federation(tmp_path, started):
+    up = bring_up(tmp_path, started)
+    assert up["link"].poll() is None and up["node"].poll() is None
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_coordinator_job_command_runs_a_tiny_federation(tmp_path, started):
+    """The coordinator Job's main container (server.run --superlink ... --resume /state/runs/...) on a tiny run:
+    the ServerApp inside the SuperLink "pod" and the Job must see the same run directory on the shared claim."""
+    from strategies.schedule import load_state
+    from tests.e2e.loopback import run_config
+
+    up = bring_up(tmp_path, started)
+    job_obj = _by(up["coordinator"], "Job", "histodiff-coordinator")
+    job_pod = Pod(job_obj, tmp_path / "coordinator-main", up["claims"], up["secrets"])
+    main_c = job_pod.spec["containers"][0]
+    config = run_config(min_sites="1")
+    argv, env, cwd = job_pod.command(main_c, {"SUPERLINK": up["loopback"], "RUN_CONFIG": config}, {})
+    assert argv[1:3] == ["-m", "server.run"]
+    res = subprocess.run(argv + ["--timeout", "420"], env=env, cwd=cwd, capture_output=True, text=True, timeout=480)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:] + started.log("superlink")
+    run_dir = Path(argv[argv.index("--resume") + 1])
+    assert run_dir.is_relative_to(up["claims"]["histodiff-superlink-state"])
+    state = load_state(run_dir)
+    assert state.status == "done" and state.scale_factor > 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -21,6 +22,8 @@ SITES = [name for name in OVERLAYS if name != "coordinator"]
 # every kind the manifests may contain; a new kind (a CRD, say) must be added here on purpose
 KNOWN_KINDS = {"Namespace", "Deployment", "Service", "PersistentVolumeClaim", "NetworkPolicy", "Job"}
 API_PORT = 8000
+RESTRICTED_VOLUME_TYPES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
+                           "projected", "secret"}
 
 
 def _load_renderer():
@@ -108,6 +111,26 @@ def test_renderer_matches_kubectl_kustomize(rendered, overlay):
     assert canon(yaml.safe_load_all(out.stdout)) == canon(rendered[overlay])
 
 
+def test_images_transformer_matches_kubectl(tmp_path):
+    """An overlay that moves the images to a site's own registry (the README's way to set the registry)."""
+    overlay = tmp_path / "mysite"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(
+        f"resources: [{os.path.relpath(K8S / 'overlays' / 'site3', overlay)}]\n"
+        "images:\n"
+        "  - {name: registry.example.org/histodiff/histodiff-fed-gpu, newName: reg.hospital.example/hd/gpu, newTag: 0.1.1}\n")
+    objects = render.render(overlay)
+    images = {c["image"] for o in objects for c in render.containers(o)}
+    assert images == {"reg.hospital.example/hd/gpu:0.1.1"}
+    kubectl = shutil.which("kubectl")
+    if kubectl:
+        out = subprocess.run([kubectl, "kustomize", "--load-restrictor", "LoadRestrictionsNone", str(overlay)],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        canon = lambda objs: sorted(json.dumps(o, sort_keys=True) for o in objs if o)  # noqa: E731
+        assert canon(yaml.safe_load_all(out.stdout)) == canon(objects)
+
+
 def test_renderer_refuses_what_it_does_not_implement(tmp_path):
     (tmp_path / "kustomization.yaml").write_text("resources: []\nconfigMapGenerator: [{name: x}]\n")
     with pytest.raises(render.KustomizeError, match="configMapGenerator"):
@@ -143,6 +166,8 @@ def test_pods_run_non_root_read_only_with_limits(rendered, overlay):
         assert spec.get("automountServiceAccountToken") is False
         assert not spec.get("hostNetwork") and not spec.get("hostPID")
         volumes = {v["name"]: v for v in spec.get("volumes", [])}
+        for v in volumes.values():  # the volume types the `restricted` Pod Security Standard allows
+            assert set(v) - {"name"} <= RESTRICTED_VOLUME_TYPES, v
         for c in render.containers(obj):
             sc = c["securityContext"]
             assert sc["readOnlyRootFilesystem"] is True, c["name"]
@@ -191,7 +216,7 @@ def test_site_pods_request_a_gpu_and_mount_data_read_only(rendered, site):
 def test_one_supernode_per_site_with_its_key_and_the_ca(rendered, site):
     deploy = _one(rendered[site], "Deployment")
     assert deploy["spec"]["replicas"] == 1 and deploy["spec"]["strategy"]["type"] == "Recreate"
-    c = _one([{"kind": "c", "metadata": {"name": x["name"]}, **x} for x in render.containers(deploy)], "c", "supernode")
+    c = next(x for x in render.containers(deploy) if x["name"] == "supernode")
     argv = render.container_argv(c)
     assert argv[:3] == ["python", "-m", "client.run"]
     assert "--insecure" not in argv

@@ -2,7 +2,7 @@
 
 ``python deploy/k8s/render.py deploy/k8s/overlays/site0`` prints the rendered objects as a YAML stream, like
 ``kubectl kustomize``. Supported: ``resources`` (files and directories), ``patches`` (strategic merge, or
-JSON 6902 with a ``target``), ``namespace``, ``labels`` (``pairs``, ``includeTemplates``). Anything else
+JSON 6902 with a ``target``), ``namespace``, ``labels`` (``pairs``, ``includeTemplates``), ``images``. Anything else
 in a kustomization is an error, so the renderer never silently renders something different from kustomize.
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 KUSTOMIZATION_FILES = ("kustomization.yaml", "kustomization.yml", "Kustomization")
-SUPPORTED_KEYS = {"apiVersion", "kind", "resources", "patches", "namespace", "labels"}
+SUPPORTED_KEYS = {"apiVersion", "kind", "resources", "patches", "namespace", "labels", "images"}
 CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "PersistentVolume", "StorageClass",
                   "CustomResourceDefinition", "PriorityClass", "RuntimeClass"}
 # strategic-merge keys of the list fields these manifests patch (k8s.io/api patchMergeKey tags)
@@ -56,6 +56,8 @@ def render(directory: str | Path) -> list[dict]:
         raise KustomizeError(f"{kfile}: unsupported kustomization keys {sorted(unknown)}")
     objects: list[dict] = []
     for res in k.get("resources", []):
+        if Path(res).is_absolute():
+            raise KustomizeError(f"{kfile}: resource paths must be relative ({res})")
         path = (directory / res).resolve()
         objects += render(path) if path.is_dir() else _load_docs(path)
     seen: set = set()
@@ -78,7 +80,34 @@ def render(directory: str | Path) -> list[dict]:
             if entry.get("includeTemplates") and obj["kind"] in POD_TEMPLATE_KINDS:
                 template = obj["spec"]["template"].setdefault("metadata", {})
                 template.setdefault("labels", {}).update(entry["pairs"])
+    for entry in k.get("images", []):
+        _set_image(objects, entry)
     return objects
+
+
+def _split_image(image: str) -> tuple[str, str]:
+    """(name, suffix) where suffix is ':tag', '@digest', ':tag@digest' or ''."""
+    at = image.find("@")
+    base, digest = (image[:at], image[at:]) if at >= 0 else (image, "")
+    colon = base.rfind(":")
+    if colon > base.rfind("/"):
+        return base[:colon], base[colon:] + digest
+    return base, digest
+
+
+def _set_image(objects: list[dict], entry: dict) -> None:
+    if set(entry) - {"name", "newName", "newTag", "digest"}:
+        raise KustomizeError(f"unsupported images options {sorted(set(entry) - {'name', 'newName', 'newTag', 'digest'})}")
+    for obj in objects:
+        for c in containers(obj):
+            name, suffix = _split_image(c["image"])
+            if name != entry["name"]:
+                continue
+            if "digest" in entry:
+                suffix = "@" + entry["digest"]
+            elif "newTag" in entry:
+                suffix = ":" + str(entry["newTag"])
+            c["image"] = entry.get("newName", name) + suffix
 
 
 # ------------------------------------------------------------------------------------------------ patches

@@ -66,14 +66,17 @@ class DecoderFinetune(L.LightningModule):
 
 
 @torch.no_grad()
-def phi_on_reconstructions(autoencoder, phi, phi_img_size: int, dataset: Dataset, batch_size: int) -> dict[str, float]:
+def phi_on_reconstructions(autoencoder, phi, phi_img_size: int, dataset: Dataset, batch_size: int,
+                           device: str | torch.device = "cpu") -> dict[str, float]:
     """How well phi recognises D(E(x)) of held-out tiles, and the L1 of the reconstructions."""
     from histodiff.downstream import loader
 
     correct, l1, n = 0, 0.0, 0
+    autoencoder, phi = autoencoder.to(device).eval(), phi.to(device).eval()
     for x, y in loader(dataset, batch_size, False):
+        x, y = x.to(device), torch.as_tensor(y, device=device)
         x_hat = autoencoder.decode(autoencoder.encode(x).latent_dist.mode()).sample
-        correct += int((phi(fit_input(x_hat, phi_img_size)).argmax(1) == torch.as_tensor(y)).sum())
+        correct += int((phi(fit_input(x_hat, phi_img_size)).argmax(1) == y).sum())
         l1 += float((x - x_hat).abs().mean(dim=(1, 2, 3)).sum())
         n += len(x)
     return {"phi_accuracy": correct / max(1, n), "l1": l1 / max(1, n)}

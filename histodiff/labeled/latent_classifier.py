@@ -16,15 +16,17 @@ log = logging.getLogger("histodiff.augment")
 
 @torch.no_grad()
 def encode_latents(autoencoder, dataset: Dataset, scale_factor: float, batch_size: int,
-                   dihedral: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                   dihedral: bool = False, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Scaled latents (the DM's space) and labels; ``dihedral`` adds the 8 flips/rotations of each tile."""
     from histodiff.downstream import loader
 
     zs, ys = [], []
+    autoencoder = autoencoder.to(device)
     for x, y in loader(dataset, batch_size, False):
+        x = x.to(device)
         views = [torch.rot90(v, k, dims=(2, 3)) for v in (x, x.flip(3)) for k in range(4)] if dihedral else [x]
         for v in views:
-            zs.append(autoencoder.encode(v).latent_dist.mode() * scale_factor)
+            zs.append((autoencoder.encode(v).latent_dist.mode() * scale_factor).cpu())
             ys.append(torch.as_tensor(y))
     return torch.cat(zs), torch.cat(ys)
 
@@ -45,7 +47,8 @@ class LatentClassifierModule(L.LightningModule):
         # diffusers indexes timesteps 0..T-1: the paper's t = 1..T, all of them equally likely
         t = torch.randint(0, len(self.alphas_cumprod), (z0.shape[0],), device=z0.device)
         loss = F.cross_entropy(self.classifier(self.noised(z0, t, torch.randn_like(z0)), t), y)
-        self.last["loss"] = 0.9 * self.last.get("loss", float(loss)) + 0.1 * float(loss.detach())
+        value = float(loss.detach())
+        self.last["loss"] = 0.9 * self.last.get("loss", value) + 0.1 * value
         if (batch_idx + 1) % max(1, self.steps // 5) == 0:
             log.info("latent classifier: step %d/%d loss %.4f (running)", batch_idx + 1, self.steps, self.last["loss"])
         return loss

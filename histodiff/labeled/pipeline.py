@@ -15,6 +15,7 @@ from torch.utils.data import ConcatDataset
 from histodiff.data import TileFolder, TileIndex
 from histodiff.labeled.inputs import LabeledInputs, load_inputs
 from histodiff.labeled.stages import Stages, digest, files_fingerprint
+from histodiff.training.common import on_gpu
 
 log = logging.getLogger("histodiff.augment")
 
@@ -47,6 +48,8 @@ class Pipeline:
         self.inception = _check_weights(cfg)
         self.classes, self.K = self.inp.classes, len(self.inp.classes)
         self.size, self.bs = cfg.tiles.image_size, cfg.tiles.batch_size
+        # inference (sampling, encoding, features) on the training accelerator when it is a GPU
+        self.device = torch.device("cuda" if on_gpu(cfg.train) else "cpu")
         self.stages = Stages(out)
         entries = self.inp.labeled.index.entries
         self.train_counts = {c: 0 for c in range(self.K)}
@@ -95,10 +98,11 @@ class Pipeline:
         rec = self.stages.done("decoder", self.key_dec)
         if rec is None:
             log.info("stage decoder: fine-tuning D for %d steps (lambda_CE %.3g)", a.decoder_steps, a.lambda_ce)
-            before = phi_on_reconstructions(autoencoder, phi, phi_size, self.val, self.bs)
+            before = phi_on_reconstructions(autoencoder, phi, phi_size, self.val, self.bs, self.device)
             losses = finetune_decoder(cfg, autoencoder, phi, phi_size, self.train_aug) if a.decoder_steps > 0 else {}
-            after = phi_on_reconstructions(autoencoder, phi, phi_size, self.val, self.bs)
-            save_pretrained_atomic(autoencoder, where)
+            after = phi_on_reconstructions(autoencoder.to(self.device), phi, phi_size, self.val, self.bs,
+                                           self.device)
+            save_pretrained_atomic(autoencoder.cpu(), where)
             rec = self.stages.mark("decoder", self.key_dec, val_before=before, val_after=after, train_losses=losses)
         self.results["decoder"] = {"path": str(where), "val_before": rec["val_before"], "val_after": rec["val_after"],
                                    "train_losses": rec["train_losses"]}
@@ -117,12 +121,13 @@ class Pipeline:
                              alphas.sum().item(), self.bs)
         rec = self.stages.done("latent_classifier", self.key_lc)
         if rec is None:
-            z_tr, y_tr = encode_latents(autoencoder, self.train_plain, scale, self.bs, dihedral=True)
-            z_va, y_va = encode_latents(autoencoder, self.val, scale, self.bs)
+            z_tr, y_tr = encode_latents(autoencoder, self.train_plain, scale, self.bs, True, self.device)
+            z_va, y_va = encode_latents(autoencoder, self.val, scale, self.bs, False, self.device)
+            autoencoder.cpu()
             log.info("stage latent_classifier: %d steps on %d noised latents, t ~ U(1, T)", cfg.latent_classifier.steps, len(z_tr))
             clf = build_latent_classifier(cfg, self.K)
             loss = train_latent_classifier(cfg, clf, alphas, z_tr, y_tr)
-            acc = accuracy_by_timestep(clf, alphas, z_va, y_va, cfg.augment.latent_eval_timesteps, seed=cfg.seed)
+            acc = accuracy_by_timestep(clf.cpu(), alphas, z_va, y_va, cfg.augment.latent_eval_timesteps, seed=cfg.seed)
             log.info("latent classifier held-out accuracy by t: %s", ", ".join(f"t={t}: {v:.3f}" for t, v in acc.items()))
             save_pretrained_atomic(clf, where)
             rec = self.stages.mark("latent_classifier", self.key_lc, final_loss=loss,
@@ -146,7 +151,10 @@ class Pipeline:
                 shutil.rmtree(where / name, ignore_errors=True)  # stale tiles of another config
             where.mkdir(parents=True, exist_ok=True)
             started = time.perf_counter()
-            records = generate_candidates(cfg, unet, scheduler, latent_clf, autoencoder, scale, counts, self.classes, where)
+            dev = self.device
+            records = generate_candidates(cfg, unet.to(dev), scheduler, latent_clf.to(dev), autoencoder.to(dev), scale,
+                                          counts, self.classes, where)
+            unet.cpu(), latent_clf.cpu(), autoencoder.cpu()
             (where / "candidates.json").write_text(json.dumps(records, indent=1))
             self.stages.mark("candidates", self.key_cand, count=len(records), seconds=time.perf_counter() - started)
         return json.loads((where / "candidates.json").read_text())
@@ -171,7 +179,8 @@ class Pipeline:
                      len(self.train_aug), len(synthetic))
             trained = train_site_classifier(cfg, cfg.downstream, ConcatDataset(parts), self.val, self.K, seed,
                                             f"{setting} seed {seed}")
-            logits, _, labels = predict(trained.model, self.inp.test, trained.img_size, self.bs)
+            logits, _, labels = predict(trained.model, self.inp.test, trained.img_size, self.bs, self.device)
+            trained.model.cpu()
             metrics = evaluate(logits, labels, self.K, self.classes)  # the test set, once
             metrics["best_val_accuracy"] = trained.best_val_accuracy
             (self.out / name).mkdir(parents=True, exist_ok=True)
@@ -190,7 +199,8 @@ class Pipeline:
         if self.stages.done("scores", key) is None or not where.is_file():
             target = torch.as_tensor([r["label"] for r in records], dtype=torch.long)
             scores = score_all(baseline, baseline_size, self.inp.labeled, self.inp.train_idx, cand, target,
-                               self.inception, self.K, self.bs)
+                               self.inception, self.K, self.bs, self.device)
+            baseline.cpu(), self.inception.cpu()
             where.parent.mkdir(parents=True, exist_ok=True)
             torch.save(scores, where)
             self.stages.mark("scores", key)
@@ -201,7 +211,7 @@ class Pipeline:
         from histodiff.diffusion import build_ddim
         from histodiff.fid import fid_report
         from histodiff.labeled.classifiers import load_classifier
-        from histodiff.labeled.report import class_grid, confusion_png, row_label, table_rows, write_tables
+        from histodiff.labeled.report import confusion_png, row_label, table_rows, write_tables
         from histodiff.labeled.select import make_selections, write_manifest
 
         cfg, a, out = self.cfg, self.cfg.augment, self.out

@@ -29,11 +29,12 @@ def small_pixels(dataset: Dataset, batch_size: int) -> torch.Tensor:
 
 
 def score_all(baseline, img_size: int, labeled: Dataset, train_idx: list[int], candidates: Dataset,
-              target: torch.Tensor, inception, num_classes: int, batch_size: int) -> dict[str, torch.Tensor]:
+              target: torch.Tensor, inception, num_classes: int, batch_size: int,
+              device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """Everything the selection, the manifest and FID need, as tensors (saved so reruns skip this)."""
     log.info("scoring: baseline features of %d real and %d synthetic tiles", len(labeled), len(candidates))
-    _, real_feats, real_labels = predict(baseline, labeled, img_size, batch_size)
-    logits, cand_feats, _ = predict(baseline, candidates, img_size, batch_size)
+    _, real_feats, real_labels = predict(baseline, labeled, img_size, batch_size, device)
+    logits, cand_feats, _ = predict(baseline, candidates, img_size, batch_size, device)
     train = torch.as_tensor(train_idx)
     # centroids from the real tiles the baseline was trained on; synthetic features never enter them
     centroids = class_centroids(real_feats[train], real_labels[train], num_classes)
@@ -43,8 +44,8 @@ def score_all(baseline, img_size: int, labeled: Dataset, train_idx: list[int], c
     pix_nn = pixel_rms_distance(small_pixels(candidates, batch_size), small_pixels(labeled, batch_size))
     log.info("scoring: InceptionV3 features for FID")
     batches = (x for x, _ in loader(labeled, batch_size, False))
-    real_incep = inception_features(inception, batches)
-    fake_incep = inception_features(inception, (x for x, _ in loader(candidates, batch_size, False)))
+    real_incep = inception_features(inception, batches, device)
+    fake_incep = inception_features(inception, (x for x, _ in loader(candidates, batch_size, False)), device)
     return {"target": target, "confidence": s.confidence, "dist_own": s.dist_own, "nearest_class": s.nearest_class,
             "nearest_other": s.nearest_other, "dist_other": s.dist_other, "feature_nn": feat_nn, "pixel_nn": pix_nn,
             "real_labels": real_labels, "real_inception": real_incep, "fake_inception": fake_incep,

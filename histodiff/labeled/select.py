@@ -43,9 +43,9 @@ def write_manifest(path: Path, records: list[dict], scores: dict[str, torch.Tens
         for i, rec in enumerate(records):
             memorised = bool(scores["feature_nn"][i] < a.feature_threshold or scores["pixel_nn"][i] < a.pixel_threshold)
             settings = [name for name, idx in chosen.items() if i in idx]
-            why = explain.reasons.get(i, "") if explain is not None else ""
-            if explain is not None:
-                why = f"{explain.name}: {why}"
+            why = [f"{explain.name}: {explain.reasons.get(i, '')}"] if explain is not None else []
+            # a tile the random control took is explained by that too (it passed no filter)
+            why += [f"{s.name}: {s.reasons[i]}" for s in selections if s is not explain and i in chosen[s.name]]
             writer.writerow({
                 "path": f"{rec['path']}", "class": rec["class"], "seed": rec["seed"],
                 "guidance_scale": rec["guidance_scale"], "ddim_steps": rec["ddim_steps"], "eta": rec["eta"],
@@ -57,6 +57,6 @@ def write_manifest(path: Path, records: list[dict], scores: dict[str, torch.Tens
                 "nn_real_feature_dist": f"{float(scores['feature_nn'][i]):.4f}",
                 "nn_real_pixel_rms": f"{float(scores['pixel_nn'][i]):.4f}",
                 "memorised": "yes" if memorised else "no",
-                "selected": "yes" if settings else "no", "selected_in": ";".join(settings), "why": why,
+                "selected": "yes" if settings else "no", "selected_in": ";".join(settings), "why": "; ".join(why),
             })
     tmp.replace(path)

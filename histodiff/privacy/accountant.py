@@ -7,6 +7,7 @@ tiles) and restarts of the SuperNode. A new accountant per round would report on
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -16,6 +17,15 @@ from pathlib import Path
 from typing import Any
 
 ACCOUNTANT_FILE = "privacy_accountant.json"
+
+
+@functools.lru_cache(maxsize=64)
+def _one_step_rdp(noise_multiplier: float, sample_rate: float):
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis import rdp as analysis
+
+    return analysis.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1,
+                                orders=RDPAccountant.DEFAULT_ALPHAS)
 
 
 class PrivacyBudgetExhausted(RuntimeError):
@@ -79,20 +89,24 @@ class SiteAccountant:
 
     # ------------------------------------------------------------------ accounting
 
-    def _opacus(self, extra_steps: int = 0):
-        from opacus.accountants import RDPAccountant
-
-        acc = RDPAccountant()
-        acc.load_state_dict({"history": [tuple(h[:2]) + (int(h[2]),) for h in self.history], "mechanism": "rdp"})
-        if extra_steps:
-            acc.history.append((self.noise_multiplier, self.sample_rate, int(extra_steps)))
-        return acc
-
     def epsilon(self, extra_steps: int = 0) -> float:
-        """Epsilon spent at ``delta`` (after ``extra_steps`` more steps at the current noise and sample rate)."""
-        if not self.history and not extra_steps:
+        """Epsilon spent at ``delta`` (after ``extra_steps`` more steps at the current noise and sample rate).
+
+        Opacus' RDP analysis (same orders and conversion as its ``RDPAccountant``); RDP is linear in the steps
+        of one (sigma, q), so each pair's one-step RDP curve is computed once and scaled.
+        """
+        history = [(float(s), float(q), int(n)) for s, q, n in self.history]
+        if extra_steps:
+            history.append((float(self.noise_multiplier), float(self.sample_rate), int(extra_steps)))
+        if not history:
             return 0.0
-        return float(self._opacus(extra_steps).get_epsilon(self.delta))
+        from opacus.accountants import RDPAccountant
+        from opacus.accountants.analysis import rdp as analysis
+
+        orders = RDPAccountant.DEFAULT_ALPHAS
+        rdp = sum(n * _one_step_rdp(s, q) for s, q, n in history)
+        eps, _ = analysis.get_privacy_spent(orders=orders, rdp=rdp, delta=self.delta)
+        return float(eps)
 
     @property
     def total_steps(self) -> int:
