@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 
@@ -102,14 +103,15 @@ def _fill(name: str, order_by_class: dict[int, list[int]], want: dict[int, int],
 
 
 def select_selective(name: str, scores: CandidateScores, tau: float, want: dict[int, int],
-                     memorised: torch.Tensor) -> Selection:
+                     memorised: torch.Tensor, class_names: Sequence[str] | None = None) -> Selection:
     """Keep a candidate when its nearest centroid is its target and confidence >= tau; closest first."""
+    label = (lambda c: class_names[c]) if class_names is not None else str
     reasons: dict[int, str] = {}
     order_by_class: dict[int, list[int]] = {c: [] for c in want}
     for i in range(len(scores.target)):
         c = int(scores.target[i])
         if int(scores.nearest_class[i]) != c:
-            reasons[i] = f"nearest centroid is class {int(scores.nearest_class[i])}, not its target {c}"
+            reasons[i] = f"nearest centroid is class {label(int(scores.nearest_class[i]))}, not its target {label(c)}"
         elif float(scores.confidence[i]) < tau:
             reasons[i] = f"confidence {float(scores.confidence[i]):.3f} < tau {tau}"
         else:

@@ -239,7 +239,7 @@ class Pipeline:
                                classes=self.classes, skipped=[])
         cand = TileFolder(None, self.size, index=cand_index, augment=False)
         scores = self.score(baseline, meta["img_size"], cand, records)
-        selections = make_selections(cfg, scores, self.train_counts)
+        selections = make_selections(cfg, scores, self.train_counts, self.classes)
         write_manifest(out / "synthetic" / "manifest.csv", records, scores, selections, self.classes, cfg)
 
         real_inc, real_y = scores["real_inception"], scores["real_labels"]

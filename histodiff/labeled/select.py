@@ -18,14 +18,15 @@ def setting_name(kind: str, ratio: float) -> str:
     return f"{kind}_{round(ratio * 100)}"
 
 
-def make_selections(cfg, scores: dict[str, torch.Tensor], train_counts: dict[int, int]) -> list[Selection]:
+def make_selections(cfg, scores: dict[str, torch.Tensor], train_counts: dict[int, int],
+                    class_names: list[str] | None = None) -> list[Selection]:
     a = cfg.augment
     memorised = (scores["feature_nn"] < a.feature_threshold) | (scores["pixel_nn"] < a.pixel_threshold)
     cand = CandidateScores(scores["target"], scores["confidence"], scores["dist_own"], scores["nearest_class"],
                            scores["nearest_other"], scores["dist_other"])
     out = [select_random(setting_name("random", r), scores["target"], quotas(train_counts, r), memorised, cfg.seed)
            for r in a.random_ratios]
-    out += [select_selective(setting_name("selective", r), cand, a.tau, quotas(train_counts, r), memorised)
+    out += [select_selective(setting_name("selective", r), cand, a.tau, quotas(train_counts, r), memorised, class_names)
             for r in a.ratios]
     return out
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Callable, Iterator
@@ -105,7 +106,10 @@ def _dp_step(gsm, dpo, batch: torch.Tensor | None, loss_fn: Callable[[torch.Tens
         dpo.step()
         return {}
     loss, logs = loss_fn(batch)
-    loss.backward()
+    with warnings.catch_warnings():
+        # opacus' hooks fire on module outputs when the input needs no grad (the images): expected here
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        loss.backward()
     dpo.step()
     return logs
 

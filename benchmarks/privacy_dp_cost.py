@@ -1,0 +1,166 @@
+"""Cost of privacy at the tiny profile: DP-SGD step vs the same non-private step, and SecAgg+ per round.
+
+    HF_HUB_OFFLINE=1 python -m benchmarks.privacy_dp_cost [--steps 5] [--sites 3] [overrides...]
+
+The two training steps share model, batch and loss; only opacus differs (per-sample gradients in hooks
+mode, clipping, noise). Steps are interleaved (plain, DP, plain, DP, ...) so a noisy shared machine hurts
+both alike; the median is reported. SecAgg+: Flower's masking arithmetic (``strategies.privacy.secagg_sum``)
+on the phase's real arrays for ``--sites`` sites, against the plain weighted mean of the same arrays.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+
+def _time(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _pair(plain_step, dp_step, steps: int) -> dict:
+    plain_step(), dp_step()  # warm-up (allocations, hooks)
+    plain, dp = [], []
+    for _ in range(steps):
+        plain.append(_time(plain_step))
+        dp.append(_time(dp_step))
+    p, d = statistics.median(plain), statistics.median(dp)
+    return {"plain_s": round(p, 4), "dp_s": round(d, 4), "ratio": round(d / p, 2), "steps": steps}
+
+
+def bench_dm(cfg, steps: int) -> dict:
+    from histodiff.diffusion import build_noise_scheduler
+    from histodiff.losses import eps_loss
+    from histodiff.models import build_autoencoder
+    from histodiff.models.unet import build_unet
+    from histodiff.privacy.dp_train import _dp_step, _finish, _make_private, _UNetForward
+
+    B, s = cfg.tiles.batch_size, cfg.tiles.image_size // 2 ** (len(cfg.lae.block_out_channels) - 1)
+    c = cfg.lae.latent_channels
+    sched = build_noise_scheduler(cfg.dm)
+    z0 = torch.randn(B, c, s, s)
+    _ = build_autoencoder  # the encoder is frozen and outside both steps
+
+    def make_loss(model):
+        def loss_fn(_x):
+            eps = torch.randn_like(z0)
+            t = torch.randint(0, sched.config.num_train_timesteps, (B,))
+            pred = model(sched.add_noise(z0, eps, t), t)
+            pred = pred.sample if hasattr(pred, "sample") else pred
+            loss = eps_loss(pred, eps, cfg.dm.loss)
+            return loss, {}
+        return loss_fn
+
+    unet = build_unet(cfg)
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.dm.lr)
+    plain_loss = make_loss(unet)
+
+    def plain_step():
+        opt.zero_grad(set_to_none=True)
+        plain_loss(None)[0].backward()
+        opt.step()
+
+    dp_unet = build_unet(cfg)
+    gsm, dpo = _make_private(_UNetForward(dp_unet), torch.optim.AdamW(dp_unet.parameters(), lr=cfg.dm.lr),
+                             1.0, 1.0, B)
+    dp_loss = make_loss(gsm)
+    out = _pair(plain_step, lambda: _dp_step(gsm, dpo, z0, dp_loss), steps)
+    _finish(gsm, dpo)
+    out["params"] = sum(p.numel() for p in unet.parameters())
+    return out
+
+
+def bench_lae(cfg, steps: int) -> dict:
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    from histodiff.losses import build_lae_loss
+    from histodiff.models import build_autoencoder
+    from histodiff.privacy.dp_train import _AutoencoderForward, _dp_step, _finish, _make_private
+
+    B, S = cfg.tiles.batch_size, cfg.tiles.image_size
+    x = torch.rand(B, 3, S, S) * 2 - 1
+    loss_mod = build_lae_loss(cfg)
+    loss_mod.disc_start = 2**62  # the generator step without the adversarial term, as under DP
+
+    def make_loss(forward):
+        def loss_fn(batch):
+            x_hat, moments = forward(batch)
+            return loss_mod.generator_loss(batch, x_hat, DiagonalGaussianDistribution(moments), 0, None)
+        return loss_fn
+
+    ae = build_autoencoder(cfg.lae).train()
+    opt = torch.optim.Adam(ae.parameters(), lr=cfg.lae.lr)
+    plain_loss = make_loss(_AutoencoderForward(ae))
+
+    def plain_step():
+        opt.zero_grad(set_to_none=True)
+        plain_loss(x)[0].backward()
+        opt.step()
+
+    dp_ae = build_autoencoder(cfg.lae).train()
+    gsm, dpo = _make_private(_AutoencoderForward(dp_ae), torch.optim.Adam(dp_ae.parameters(), lr=cfg.lae.lr),
+                             1.0, 1.0, B)
+    out = _pair(plain_step, lambda: _dp_step(gsm, dpo, x, make_loss(gsm)), steps)
+    _finish(gsm, dpo)
+    out["params"] = sum(p.numel() for p in ae.parameters())
+    return out
+
+
+def bench_secagg(cfg, sites: int, repeats: int = 3) -> dict:
+    import numpy as np
+
+    from histodiff.models import build_autoencoder
+    from histodiff.models.unet import build_unet
+    from strategies.privacy import secagg_sum
+
+    out = {}
+    for phase, model in (("lae", build_autoencoder(cfg.lae)), ("dm", build_unet(cfg))):
+        base = [v.detach().numpy().astype(np.float32) for v in model.state_dict().values()]
+        arrays = [[b + np.float32(0.01) * np.random.default_rng(i).standard_normal(b.shape, dtype=np.float32)
+                   for b in base] for i in range(sites)]
+        weights = [float(36 + i) for i in range(sites)]
+
+        def plain():
+            return [sum(w * a[k] for w, a in zip(weights, arrays)) / sum(weights) for k in range(len(base))]
+
+        t_plain = min(_time(plain) for _ in range(repeats))
+        t_sec = min(_time(lambda: secagg_sum(arrays, weights)) for _ in range(repeats))
+        agg, ref = secagg_sum(arrays, weights), plain()
+        fp32 = sum(b.nbytes for b in base)
+        out[phase] = {"sites": sites, "plain_s": round(t_plain, 4), "secagg_s": round(t_sec, 3),
+                      "ratio": round(t_sec / t_plain, 1), "max_abs_err": float(max(np.abs(a - r).max() for a, r in zip(agg, ref))),
+                      "fp32_bytes_per_site": fp32, "masked_bytes_per_site": 2 * fp32 + 8,  # int64 masked vector
+                      "extra_message_rounds": 3}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    from histodiff.config import compose
+    from histodiff.training.common import quiet_libraries
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--sites", type=int, default=3)
+    ap.add_argument("--skip-secagg", action="store_true")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    quiet_libraries()
+    cfg = compose(["profile=tiny", "weights.perceptual=random", *args.overrides])
+    result = {"profile": "tiny", "image_size": cfg.tiles.image_size, "batch_size": cfg.tiles.batch_size,
+              "threads": torch.get_num_threads(), "dm": bench_dm(cfg, args.steps), "lae": bench_lae(cfg, args.steps)}
+    if not args.skip_secagg:
+        result["secagg"] = bench_secagg(cfg, args.sites)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
