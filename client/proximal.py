@@ -1,11 +1,9 @@
 """FedProx at a site: adds mu * (w - w_global) to every shared parameter's gradient before each optimiser step.
 
-The local-step functions build their own Trainer, so the callback is slipped in through ``extra_callbacks``.
+The local-step functions take extra Lightning callbacks; this is one.
 """
 
 from __future__ import annotations
-
-from contextlib import contextmanager
 
 import lightning as L
 import torch
@@ -31,27 +29,6 @@ class ProximalTerm(L.Callback):
                     p.grad.add_(p.detach() - anchor.to(p.device), alpha=self.mu)
 
 
-@contextmanager
-def extra_callbacks(callbacks: list):
-    """Run ``histodiff.training.local``'s trainers with ``callbacks`` added (a fresh process per message)."""
-    import histodiff.training.local as local
-
-    original = local.make_trainer
-
-    def make_trainer(train_cfg, steps, loggers=False, callbacks_=None, progress=None):
-        return original(train_cfg, steps, loggers, list(callbacks_ or []) + list(callbacks), progress)
-
-    local.make_trainer = make_trainer
-    try:
-        yield
-    finally:
-        local.make_trainer = original
-
-
-@contextmanager
-def proximal(mu: float, prefixes: tuple[str, ...]):
-    if mu <= 0:
-        yield
-        return
-    with extra_callbacks([ProximalTerm(mu, prefixes)]):
-        yield
+def proximal_callbacks(mu: float, prefixes: tuple[str, ...]) -> list[L.Callback]:
+    """The callbacks to hand to the local-step functions (none when FedProx is off)."""
+    return [ProximalTerm(mu, prefixes)] if mu > 0 else []

@@ -105,20 +105,19 @@ def build_global_autoencoder(cfg, weights: dict[str, torch.Tensor]):
 
 
 def lae_round(cfg, dataset, site: Site, steps: int, global_weights, mu: float = 0.0):
-    from client.proximal import proximal
+    from client.proximal import proximal_callbacks
     from histodiff.training.local import train_lae_steps
 
-    with proximal(mu, ("autoencoder", "loss.discriminator")):
-        return train_lae_steps(cfg, dataset, site.state / "lae", steps, init_weights=global_weights, progress=False)
+    return train_lae_steps(cfg, dataset, site.state / "lae", steps, init_weights=global_weights, progress=False,
+                           callbacks=proximal_callbacks(mu, ("autoencoder", "loss.discriminator")))
 
 
 def dm_round(cfg, dataset, site: Site, steps: int, global_weights, autoencoder, scale_factor: float, mu: float = 0.0):
-    from client.proximal import proximal
+    from client.proximal import proximal_callbacks
     from histodiff.training.local import train_dm_steps
 
-    with proximal(mu, ("unet",)):
-        return train_dm_steps(cfg, dataset, site.state / "dm", steps, autoencoder, scale_factor,
-                              init_weights=global_weights, progress=False)
+    return train_dm_steps(cfg, dataset, site.state / "dm", steps, autoencoder, scale_factor,
+                          init_weights=global_weights, progress=False, callbacks=proximal_callbacks(mu, ("unet",)))
 
 
 def latent_stats(cfg, dataset, autoencoder):

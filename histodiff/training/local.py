@@ -162,6 +162,7 @@ def train_lae_steps(
     loggers: list | bool = False,
     ckpt_every: int = 0,
     progress: bool | None = None,
+    callbacks: list | None = None,
 ) -> LocalResult:
     """Run ``steps`` LAE steps from the state in ``state_dir`` (fresh when empty) and save it back."""
     module = LAEModule(cfg)
@@ -177,7 +178,7 @@ def train_lae_steps(
     def save(trainer, pl_module):
         save_lae_state(pl_module, state_dir, trainer.optimizers)
 
-    trainer = make_trainer(cfg.train, steps, loggers, [StateCheckpoint(state_dir, ckpt_every, save)], progress)
+    trainer = make_trainer(cfg.train, steps, loggers, [StateCheckpoint(state_dir, ckpt_every, save), *(callbacks or [])], progress)
     loader = step_loader(dataset, cfg.tiles.batch_size, steps, cfg.seed + module.step, cfg.tiles.num_workers)
     trainer.fit(module, loader)
     module = module.cpu()
@@ -202,6 +203,7 @@ def train_dm_steps(
     loggers: list | bool = False,
     ckpt_every: int = 0,
     progress: bool | None = None,
+    callbacks: list | None = None,
 ) -> LocalResult:
     """Run ``steps`` DM steps (encoder frozen, latents scaled by the global ``scale_factor``)."""
     module = DMModule(cfg, autoencoder, scale_factor)
@@ -216,7 +218,7 @@ def train_dm_steps(
     def save(trainer, pl_module):
         save_dm_state(pl_module, state_dir, trainer.optimizers[0], trainer.lr_scheduler_configs[0].scheduler)
 
-    trainer = make_trainer(cfg.train, steps, loggers, [StateCheckpoint(state_dir, ckpt_every, save)], progress)
+    trainer = make_trainer(cfg.train, steps, loggers, [StateCheckpoint(state_dir, ckpt_every, save), *(callbacks or [])], progress)
     loader = step_loader(dataset, cfg.tiles.batch_size, steps, cfg.seed + module.step, cfg.tiles.num_workers)
     trainer.fit(module, loader)
     module = module.cpu()
