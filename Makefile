@@ -12,7 +12,7 @@ export PYTHONUNBUFFERED := 1
 
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: setup weights demo test test-all test-gpu bench clean
+.PHONY: setup weights demo demo-single test test-all test-gpu bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,8 +27,14 @@ setup: $(STAMP)
 weights: setup
 	$(PY) -m histodiff.weights fetch
 
+# the full story on phantom tiles: 3 unlabeled sites (own stains) pre-train the LAE and the DM in
+# Flower's simulation runtime; a 4th, labeled site unseen in pre-training runs the augmentation pipeline
 demo: weights
-	$(PY) -m histodiff.demo --out $(RUN)
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m server.demo --out $(RUN) --lae-rounds 3 --dm-rounds 4 --local-steps 40
+
+# the same science at one site, no federation: LAE -> latent statistics -> DM -> sample grid
+demo-single: weights
+	$(PY) -m histodiff.demo --out $(RUN)-single
 
 test: setup
 	@$(PY) -m histodiff.weights fetch || echo "warning: pretrained weights unavailable; tests that need them will skip"

@@ -5,7 +5,9 @@
 The two training steps share model, batch and loss; only opacus differs (per-sample gradients in hooks
 mode, clipping, noise). Steps are interleaved (plain, DP, plain, DP, ...) so a noisy shared machine hurts
 both alike; the median is reported. SecAgg+: Flower's masking arithmetic (``strategies.privacy.secagg_sum``)
-on the phase's real arrays for ``--sites`` sites, against the plain weighted mean of the same arrays.
+on the phase's real arrays for ``--sites`` sites, against the plain weighted mean of the same arrays; then
+Flower's real SecAgg+ workflow against the plain workflow in the simulation runtime (benchmarks.privacy_secagg),
+round 2 of each (warm actors).
 """
 
 from __future__ import annotations
@@ -140,6 +142,26 @@ def bench_secagg(cfg, sites: int, repeats: int = 3) -> dict:
     return out
 
 
+def bench_secagg_rounds(sites: int, phases=("lae", "dm")) -> dict:
+    """Flower's real SecAgg+ workflow vs the plain one, in the simulation runtime (one subprocess each)."""
+    import subprocess
+    import sys
+
+    out: dict = {}
+    for phase in phases:
+        for mode in ("plain", "secagg"):
+            proc = subprocess.run([sys.executable, "-m", "benchmarks.privacy_secagg", "--mode", mode, "--phase", phase,
+                                   "--sites", str(sites), "--rounds", "2"], capture_output=True, text=True, timeout=600)
+            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+            out.setdefault(phase, {})[mode] = json.loads(line[7:]) if line else {"error": proc.stderr[-500:]}
+        res = out[phase]
+        if "round_seconds" in res["plain"] and "round_seconds" in res["secagg"]:
+            p, s = res["plain"]["round_seconds"]["2"], res["secagg"]["round_seconds"]["2"]
+            res["warm_round_ratio"] = round(s / p, 2)
+            res["warm_round_extra_s"] = round(s - p, 3)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     from histodiff.config import compose
     from histodiff.training.common import quiet_libraries
@@ -148,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--sites", type=int, default=3)
     ap.add_argument("--skip-secagg", action="store_true")
+    ap.add_argument("--skip-dp", action="store_true")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
@@ -155,9 +178,13 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     cfg = compose(["profile=tiny", "weights.perceptual=random", *args.overrides])
     result = {"profile": "tiny", "image_size": cfg.tiles.image_size, "batch_size": cfg.tiles.batch_size,
-              "threads": torch.get_num_threads(), "dm": bench_dm(cfg, args.steps), "lae": bench_lae(cfg, args.steps)}
+              "threads": torch.get_num_threads()}
+    if not args.skip_dp:
+        result["dm"] = bench_dm(cfg, args.steps)
+        result["lae"] = bench_lae(cfg, args.steps)
     if not args.skip_secagg:
         result["secagg"] = bench_secagg(cfg, args.sites)
+        result["secagg_flower_rounds"] = bench_secagg_rounds(args.sites)
     print(json.dumps(result, indent=2))
     return 0
 

@@ -123,7 +123,8 @@ def deliver(message: Message, context: Context) -> Message:
         raise RuntimeError(f"site {site.name} is not labeled: the global model is delivered to labeled sites only")
     conf = message.content["config"]
     metrics = task.deliver(cfg, site, from_record(message.content["autoencoder"]),
-                           from_record(message.content["unet"]), float(conf["scale-factor"]))
+                           from_record(message.content["unet"]), float(conf["scale-factor"]),
+                           run_pipeline=bool(context.run_config.get("augment", True)))
     return _reply(message, RecordDict({METRICS_KEY: _metrics(metrics)}), {})
 
 

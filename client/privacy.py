@@ -56,6 +56,20 @@ def dm_round(cfg, dataset, site, steps: int, global_weights, autoencoder, scale_
                              init_weights=global_weights, accountant_dir=site.state, site=site.name)
 
 
+def latent_stats(cfg, dataset, autoencoder, site):
+    """The latent-stats round: clipped, noised and accounted under local DP (histodiff.privacy.stats), else exact.
+
+    Returns (LatentStats, privacy metrics to add to the reply; empty without local DP).
+    """
+    if not local_dp(cfg):
+        from client import task
+
+        return task.latent_stats(cfg, dataset, autoencoder), {}
+    from histodiff.privacy.stats import dp_latent_stats
+
+    return dp_latent_stats(cfg, autoencoder, dataset, site.state, site=site.name, seed=int(cfg.seed))
+
+
 def budget_status(cfg, site) -> dict[str, float]:
     """The site's privacy metrics without training (for a query handler or the client's log line)."""
     p = cfg.privacy
@@ -108,5 +122,5 @@ def client_mods(cfg) -> list:
     return mods
 
 
-__all__ = ["PrivacyBudgetExhausted", "lae_round", "dm_round", "budget_status", "clip_update", "clip_result",
+__all__ = ["PrivacyBudgetExhausted", "lae_round", "dm_round", "latent_stats", "budget_status", "clip_update", "clip_result",
            "client_mods", "local_dp", "central_dp"]

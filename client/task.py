@@ -56,7 +56,11 @@ def site_from_context(node_config, run_config) -> Site:
         role = "labeled" if pid in _truthy_list(run_config.get("labeled-partitions", "")) else "unlabeled"
         sites_root = str(run_config.get("sites-root", "") or "")
         data = Path(sites_root) / f"site{pid}" if sites_root else work / "phantom-tiles"
-        site = Site(f"site{pid}", role, data, work, work / run_name(run_config), None,
+        test = None
+        if role == "labeled":  # a sites-root holds siteN-test/ beside siteN/; a phantom site makes its own
+            test = Path(sites_root) / f"site{pid}-test" if sites_root else work / "phantom-test"
+            test = test if not sites_root or test.is_dir() else None
+        site = Site(f"site{pid}", role, data, work, work / run_name(run_config), test,
                     None if sites_root else pid)
     if site.role not in ROLES:
         raise ValueError(f"site role {site.role!r}; expected one of {', '.join(ROLES)}")
@@ -83,6 +87,9 @@ def ensure_phantom(cfg, site: Site, per_class: int, seed: int) -> None:
 
     write_phantom_site(site.data, per_class=per_class, size=cfg.tiles.image_size, site=site.phantom, seed=seed,
                        labeled=site.role == "labeled")
+    if site.test is not None:  # the labeled site's held-out test tiles: same stain, other draws
+        write_phantom_site(site.test, per_class=per_class, size=cfg.tiles.image_size, site=site.phantom,
+                           seed=seed + 10_000, labeled=True)
     done.write_text("ok")
 
 
@@ -151,7 +158,18 @@ def cached_global_autoencoder(site: Site, digest: str) -> dict[str, torch.Tensor
 # ------------------------------------------------------------------ deliver
 
 
-def deliver(cfg, site: Site, ae_weights, unet_weights, scale_factor: float) -> dict[str, float]:
+def table_metrics(results: dict) -> dict[str, float]:
+    """Only scalar metrics leave the labeled site: one per Table 1 row and column."""
+    out: dict[str, float] = {}
+    for row in results.get("table", []):
+        for key in ("accuracy_mean", "f1_mean", "sensitivity_mean", "specificity_mean", "fid", "n_synthetic"):
+            value = row.get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                out[f"{row['setting']}/{key.removesuffix('_mean')}"] = float(value)
+    return out
+
+
+def deliver(cfg, site: Site, ae_weights, unet_weights, scale_factor: float, run_pipeline: bool = True) -> dict[str, float]:
     """Store the global model at the labeled site and run its augmentation pipeline there when installed."""
     from histodiff.checkpoint import export_global_model
     from histodiff.models.unet import build_unet
@@ -161,18 +179,17 @@ def deliver(cfg, site: Site, ae_weights, unet_weights, scale_factor: float) -> d
     unet = build_unet(cfg)
     unet.load_state_dict(strip("unet", unet_weights), strict=True)
     model_dir = export_global_model(site.state / "global_model", cfg, ae, unet, scale_factor)
-    metrics: dict[str, float] = {"delivered": 1.0}
-    try:
-        from client.augment import run_augment
-    except ImportError:
-        run_augment = None
-    if run_augment is None:
-        log.info("global model stored in %s (no labeled-site pipeline installed)", model_dir)
-        metrics["augment-ran"] = 0.0
+    metrics: dict[str, float] = {"delivered": 1.0, "augment-ran": 0.0}
+    if not run_pipeline:
+        log.info("global model stored in %s (augment=false in the run config)", model_dir)
+    elif site.test is None:
+        log.warning("global model stored in %s; no test-path in this site's node config, so the "
+                    "augmentation pipeline was not run (python -m client.augment runs it later)", model_dir)
     else:
-        out = run_augment(cfg, site.data, site.test, model_dir, site.state / "augment")
-        metrics.update({k: float(v) for k, v in (out or {}).items()
-                        if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        from histodiff.labeled import run_augment
+
+        results = run_augment(cfg, site.data, site.test, model_dir, site.state / "augment")
+        metrics.update(table_metrics(results))
         metrics["augment-ran"] = 1.0
     metrics["deliver-seconds"] = time.time() - start
     (site.state / "deliver_metrics.json").write_text(json.dumps(metrics, indent=2))

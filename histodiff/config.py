@@ -164,6 +164,7 @@ class PrivacyConfig:
     max_grad_norm: float = 1.0  # local: per-sample gradient clip; central: clip of each site's update
     noise_multiplier: Optional[float] = None  # null: derived from target_epsilon over planned_steps
     planned_steps: int = 0  # DP steps this site will take in the whole run (needed when noise_multiplier is null)
+    latent_clip: float = 30.0  # DP latent statistics: latent values clipped to [-B, B]
     secagg: bool = False  # SecAgg+ (legacy Flower workflow): the server sees only the sum of updates
     secagg_clipping_range: float = 8.0  # SecAgg+ quantisation range for each array value
     secagg_quantization_range: int = 4194304  # 2**22 levels

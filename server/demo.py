@@ -21,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--local-steps", type=int, default=50)
     p.add_argument("--overrides", default="", help="extra config overrides, e.g. 'weights.perceptual=random'")
     p.add_argument("--timeout", type=float, default=3 * 3600.0)
+    p.add_argument("--no-augment", action="store_true", help="deliver the model without running the labeled-site pipeline")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
 
     from server.run import main as run
@@ -28,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     n = args.unlabeled + 1  # partition ids 0..n-2 unlabeled, n-1 labeled (its own stain, unseen in pre-training)
     config = (f'overrides="{args.overrides}" lae-rounds={args.lae_rounds} dm-rounds={args.dm_rounds} '
               f'local-steps={args.local_steps} min-sites={min(2, args.unlabeled)} phantom-per-class={args.per_class} '
-              f'labeled-partitions="{n - 1}" round-timeout=3600.0 wait-timeout=300.0')
+              f'labeled-partitions="{n - 1}" round-timeout=3600.0 wait-timeout=300.0 '
+              f'augment={"false" if args.no_augment else "true"}')
     return run(["--run-dir", args.out, "--simulation", str(n), "--config", config, "--timeout", str(args.timeout)])
 
 

@@ -348,3 +348,56 @@ def secagg_sum(site_arrays: list[list[np.ndarray]], weights: list[float], *, cli
     out = dequantize(recon, clipping_range, quantization_range)
     offset = -(len(active) - 1) * clipping_range
     return [(v + offset) * (quantization_range / q_total) for v in out]
+
+
+def legacy_secagg_apps(site_update, initial: list[np.ndarray], num_sites: int, record: dict, *, secagg: bool = True,
+                       rounds: int = 1, clipping_range: float = 8.0, quantization_range: int = 4194304):
+    """A legacy-API ServerApp/ClientApp pair running Flower's real ``SecAggPlusWorkflow`` + ``secaggplus_mod``.
+
+    ``site_update(partition_id) -> (arrays, num_examples)`` is what each site would send. The aggregate of
+    every round and the seconds from configure to aggregate land in ``record``. This is how SecAgg+ runs in
+    Flower 1.42 (LegacyContext + DefaultWorkflow); our Message-API federation does not run on it.
+    """
+    from flwr.client import ClientApp, NumPyClient
+    from flwr.client.mod import secaggplus_mod
+    from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+    from flwr.server import LegacyContext, ServerApp, ServerConfig
+    from flwr.server.strategy import FedAvg
+    from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+
+    class Site(NumPyClient):
+        def __init__(self, pid: int):
+            self.pid = pid
+
+        def fit(self, parameters, config):
+            arrays, n = site_update(self.pid)
+            return arrays, int(n), {}
+
+    def client_fn(context):
+        return Site(int(context.node_config["partition-id"])).to_client()
+
+    class Recording(FedAvg):
+        def configure_fit(self, server_round, parameters, client_manager):
+            record.setdefault("start", {})[server_round] = time.perf_counter()
+            return super().configure_fit(server_round, parameters, client_manager)
+
+        def aggregate_fit(self, server_round, results, failures):
+            params, metrics = super().aggregate_fit(server_round, results, failures)
+            record.setdefault("seconds", {})[server_round] = time.perf_counter() - record["start"][server_round]
+            record.setdefault("aggregate", {})[server_round] = parameters_to_ndarrays(params) if params else None
+            record.setdefault("failures", {})[server_round] = len(failures)
+            return params, metrics
+
+    server = ServerApp()
+
+    @server.main()
+    def main(grid, context):
+        strategy = Recording(fraction_fit=1.0, min_fit_clients=num_sites, min_available_clients=num_sites,
+                             fraction_evaluate=0.0, initial_parameters=ndarrays_to_parameters(initial))
+        ctx = LegacyContext(context=context, config=ServerConfig(num_rounds=rounds), strategy=strategy)
+        fit = (SecAggPlusWorkflow(num_shares=num_sites, reconstruction_threshold=max(2, (2 * num_sites) // 3),
+                                  clipping_range=clipping_range, quantization_range=quantization_range)
+               if secagg else None)
+        DefaultWorkflow(fit_workflow=fit)(grid, ctx)
+
+    return server, ClientApp(client_fn=client_fn, mods=[secaggplus_mod] if secagg else [])

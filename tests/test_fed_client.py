@@ -135,3 +135,20 @@ def test_proximal_term_pulls_gradients_towards_the_global_weights():
     assert torch.allclose(m.unet.weight.grad, torch.full((2, 2), 0.5))
     assert torch.equal(m.other.weight.grad, torch.zeros(2, 2))  # not shared: no proximal pull
     assert from_record(to_record({"x": torch.ones(1)}))["x"].item() == 1.0
+
+
+def test_labeled_site_sends_back_only_table_metrics(tmp_path):
+    from client.task import site_from_context, table_metrics
+
+    results = {"table": [
+        {"setting": "baseline", "accuracy_mean": 0.5, "f1_mean": 0.4, "sensitivity_mean": 0.5,
+         "specificity_mean": 0.9, "fid": None, "n_synthetic": 0},
+        {"setting": "selective-1", "accuracy_mean": 0.6, "f1_mean": 0.5, "sensitivity_mean": 0.6,
+         "specificity_mean": 0.95, "fid": 12.5, "n_synthetic": 40},
+    ], "classes": ["A", "B"], "selection": {"paths": ["x.png"]}}
+    metrics = table_metrics(results)
+    assert metrics["selective-1/accuracy"] == 0.6 and metrics["selective-1/fid"] == 12.5
+    assert "baseline/fid" not in metrics and all(isinstance(v, float) for v in metrics.values())
+    site = site_from_context({"partition-id": 3}, {"labeled-partitions": "3", "work-root": str(tmp_path)})
+    assert site.role == "labeled" and site.test == tmp_path / "site3" / "phantom-test"
+    assert site_from_context({"partition-id": 0}, {"labeled-partitions": "3", "work-root": str(tmp_path)}).test is None

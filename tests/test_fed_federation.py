@@ -27,7 +27,7 @@ def _identity():
 def _run_config(tmp_path, **extra):
     rc = {"profile": "tiny", "overrides": OVERRIDES, "lae-rounds": 1, "dm-rounds": 1, "local-steps": 1,
           "min-sites": 2, "round-timeout": 300.0, "wait-timeout": 1.0, "poll": 0.05, "run-dir": str(tmp_path / "run"),
-          "work-root": str(tmp_path / "sites"), "phantom-per-class": 1, "labeled-partitions": "3"}
+          "work-root": str(tmp_path / "sites"), "phantom-per-class": 1, "labeled-partitions": "3", "augment": False}
     rc.update(extra)
     return rc
 

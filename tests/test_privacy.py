@@ -175,3 +175,22 @@ def test_privacy_report_from_run_dir(tmp_path):
     assert report["memorisation_guard"][0]["dropped_by_setting"] == {"selective_100": 2}
     text = mpath.read_text()
     assert text.startswith("## Privacy") and "site0" in text and "Memorisation guard" in text
+
+
+def test_dp_latent_statistics_are_accounted_and_close_to_exact_with_little_noise(tmp_path, phantom_labeled):
+    from histodiff.config import compose
+    from histodiff.data import TileFolder
+    from histodiff.models import build_autoencoder
+    from histodiff.privacy.stats import dp_latent_stats
+    from histodiff.training.latent_stats import compute_latent_stats
+
+    cfg = compose(["profile=tiny", "tiles.image_size=32", "tiles.batch_size=9", "privacy.dp=true",
+                   "privacy.noise_multiplier=1e-4", "privacy.target_epsilon=1e12"])
+    tiles = TileFolder(phantom_labeled, image_size=32, work_dir=tmp_path / "work", train=False)
+    ae = build_autoencoder(cfg.lae)
+    exact = compute_latent_stats(ae, tiles, batch_size=9, seed=0)
+    noisy, metrics = dp_latent_stats(cfg, ae, tiles, tmp_path, site="site0", seed=0)
+    assert noisy.count == exact.count
+    assert noisy.std == pytest.approx(exact.std, rel=1e-2) and noisy.mean == pytest.approx(exact.mean, abs=1e-2)
+    acc = SiteAccountant.load_or_create(tmp_path, cfg.privacy.target_epsilon, cfg.privacy.delta)
+    assert acc.steps == {"latent-stats": 1} and metrics["dp-epsilon"] == acc.epsilon() > 0

@@ -131,14 +131,25 @@ class SiteAccountant:
         self.sample_rate, self.max_grad_norm = float(sample_rate), float(max_grad_norm)
         return self.noise_multiplier
 
-    def check_budget(self, steps: int, site: str = "site") -> None:
-        """Refuse (one line) when ``steps`` more DP steps would spend more than ``target_epsilon``."""
+    def check_budget(self, steps: int, site: str = "site", release: tuple[float, float] | None = None) -> None:
+        """Refuse (one line) when ``steps`` more DP steps (or ``release`` = (sigma, q) events) would pass the budget."""
         spent = self.epsilon()
-        after = self.epsilon(steps)
+        if release is None:
+            after = self.epsilon(steps)
+        else:
+            saved = list(self.history)
+            self.history.append([float(release[0]), float(release[1]), int(steps)])
+            after, self.history = self.epsilon(), saved
         if after > self.target_epsilon * (1 + 1e-6):
             raise PrivacyBudgetExhausted(
                 f"{site}: privacy budget exhausted: epsilon {spent:.3f} of {self.target_epsilon:g} spent at "
-                f"delta {self.delta:g}; {steps} more DP steps would reach {after:.3f}; refusing to train")
+                f"delta {self.delta:g}; {steps} more DP {'steps' if release is None else 'releases'} would reach "
+                f"{after:.3f}; refusing to train")
+
+    def record_release(self, phase: str, noise_multiplier: float, count: int = 1) -> None:
+        """Compose a Gaussian release of the whole data set (sample rate 1), e.g. the latent statistics."""
+        self.history.append([float(noise_multiplier), 1.0, int(count)])
+        self.steps[phase] = self.steps.get(phase, 0) + int(count)
 
     def record_steps(self, phase: str, steps: int) -> None:
         """Compose ``steps`` DP-SGD steps at the fixed noise multiplier and sample rate."""

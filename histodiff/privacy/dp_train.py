@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from histodiff.privacy.accountant import SiteAccountant
-from histodiff.training.common import seed_everything
+from histodiff.training.common import on_gpu, seed_everything
 from histodiff.training.local import (
     LocalResult,
     _load_prefixed,
@@ -61,6 +61,11 @@ class _UNetForward(nn.Module):
 
     def forward(self, zt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.unet(zt, t).sample
+
+
+def _device(cfg) -> torch.device:
+    """The GPU when the config's accelerator allows one (fp32: opacus' per-sample grads under autocast are not used)."""
+    return torch.device("cuda" if on_gpu(cfg.train) else "cpu")
 
 
 def sample_rate(cfg, dataset) -> float:
@@ -160,6 +165,8 @@ def dp_train_lae_steps(cfg, dataset, state_dir: Path, steps: int, init_weights: 
         log.warning("DP LAE: the adversarial term stays off under DP (lae.disc_start=%d is ignored)", cfg.lae.disc_start)
 
     lae = cfg.lae
+    device = _device(cfg)
+    module.to(device)
     opt_g = torch.optim.Adam(module.autoencoder.parameters(), lr=lae.lr, betas=tuple(lae.betas))
     opt_d_state = torch.optim.Adam(module.discriminator.parameters(), lr=lae.lr).state_dict()
     if module.optimizer_state:
@@ -172,6 +179,7 @@ def dp_train_lae_steps(cfg, dataset, state_dir: Path, steps: int, init_weights: 
     module.loss.disc_start = 2**62  # adversarial factor 0: no autograd.grad, no discriminator forward
 
     def loss_fn(x):
+        x = x.to(device, non_blocking=True)
         x_hat, moments = gsm(x)
         loss, logs = module.loss.generator_loss(x, x_hat, DiagonalGaussianDistribution(moments), module.step,
                                                 last_layer=None)
@@ -190,6 +198,7 @@ def dp_train_lae_steps(cfg, dataset, state_dir: Path, steps: int, init_weights: 
         module.loss.disc_start = disc_start
         _finish(gsm, dpo)
     module.optimizer_state = None
+    module.cpu()
     save_lae_state(module, state_dir, [opt_g, opt_d_state])
     weights = lae_shared_weights(module, cfg.lae.share_discriminator)
     metrics = {k: v / max(1, count) for k, v in sums.items()}
@@ -214,6 +223,10 @@ def dp_train_dm_steps(cfg, dataset, state_dir: Path, steps: int, autoencoder, sc
     seed_everything(cfg.seed + module.step)
 
     dm = cfg.dm
+    device = _device(cfg)
+    module.to(device)
+    module.autoencoder.to(device)
+    module.ema.to(device)
     opt = torch.optim.AdamW(module.unet.parameters(), lr=dm.lr, weight_decay=dm.weight_decay)
     warmup = max(1, dm.warmup_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
@@ -225,9 +238,9 @@ def dp_train_dm_steps(cfg, dataset, state_dir: Path, steps: int, autoencoder, sc
     T = module.noise_scheduler.config.num_train_timesteps
 
     def loss_fn(x):
-        z0 = module.encode(x)
+        z0 = module.encode(x.to(device, non_blocking=True))
         eps = torch.randn_like(z0)
-        t = torch.randint(0, T, (z0.shape[0],))
+        t = torch.randint(0, T, (z0.shape[0],), device=device)
         loss = eps_loss(gsm(module.noise_scheduler.add_noise(z0, eps, t), t).float(), eps, dm.loss)
         return loss, {"loss": loss.detach()}
 
@@ -244,6 +257,8 @@ def dp_train_dm_steps(cfg, dataset, state_dir: Path, steps: int, autoencoder, sc
             sums["lr"] += opt.param_groups[0]["lr"]
     finally:
         _finish(gsm, dpo)
+    module.cpu()
+    module.ema.to("cpu")
     save_dm_state(module, state_dir, opt, sched)
     weights = _prefixed("unet", module.unet)
     metrics = {"loss": sums["loss"] / max(1, count), "lr": sums["lr"] / max(1, steps)}

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.e2e
 def test_simulation_runtime_full_story(tmp_path):
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "server.demo", "--out", str(run_dir), "--unlabeled", "3", "--per-class", "1",
-           "--lae-rounds", "1", "--dm-rounds", "1", "--local-steps", "1", "--overrides", OVERRIDES, "--timeout", "300"]
+           "--lae-rounds", "1", "--dm-rounds", "1", "--local-steps", "1", "--overrides", OVERRIDES, "--timeout", "300", "--no-augment"]
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=360)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     state = load_state(run_dir)
