@@ -223,6 +223,8 @@ def _validate(cfg: DictConfig) -> None:
             raise ConfigError("privacy needs 0 < delta < 1, target_epsilon > 0 and max_grad_norm > 0")
         if privacy.noise_multiplier is None and privacy.mode == "local" and privacy.planned_steps <= 0:
             raise ConfigError("privacy.noise_multiplier is null: set privacy.planned_steps (DP steps of the whole run)")
+        if privacy.noise_multiplier is None and privacy.mode == "central":
+            raise ConfigError("privacy.mode=central needs privacy.noise_multiplier (the server's noise)")
     factor = 2 ** (len(cfg.lae.block_out_channels) - 1)
     if cfg.tiles.image_size % factor:
         raise ConfigError(f"tiles.image_size {cfg.tiles.image_size} is not divisible by the LAE factor {factor}")

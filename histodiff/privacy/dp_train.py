@@ -145,13 +145,22 @@ def _close_round(acc: SiteAccountant, phase: str, steps: int, weights: dict[str,
     return {**metrics, **acc.metrics()}
 
 
+def _no_callbacks(callbacks) -> None:
+    if callbacks:
+        raise ValueError("Lightning callbacks (e.g. FedProx's proximal term) do not apply to the DP-SGD loop")
+
+
 def dp_train_lae_steps(cfg, dataset, state_dir: Path, steps: int, init_weights: dict[str, torch.Tensor] | None = None,
-                       accountant_dir: Path | None = None, site: str = "site") -> LocalResult:
-    """``steps`` DP-SGD steps of the autoencoder (L1 + LPIPS + KL; see the module doc for the GAN term)."""
+                       accountant_dir: Path | None = None, site: str = "site", progress: bool | None = None,
+                       callbacks: list | None = None) -> LocalResult:
+    """``steps`` DP-SGD steps of the autoencoder (L1 + LPIPS + KL; see the module doc for the GAN term).
+
+    ``progress`` is accepted for signature parity and ignored (no progress bar in the DP loop)."""
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
     from histodiff.training.lae import LAEModule
 
+    _no_callbacks(callbacks)
     state_dir = Path(state_dir)
     start = time.time()
     module = LAEModule(cfg)
@@ -208,11 +217,12 @@ def dp_train_lae_steps(cfg, dataset, state_dir: Path, steps: int, init_weights: 
 
 def dp_train_dm_steps(cfg, dataset, state_dir: Path, steps: int, autoencoder, scale_factor: float,
                       init_weights: dict[str, torch.Tensor] | None = None, accountant_dir: Path | None = None,
-                      site: str = "site") -> LocalResult:
+                      site: str = "site", progress: bool | None = None, callbacks: list | None = None) -> LocalResult:
     """``steps`` DP-SGD steps of the UNet on frozen, globally scaled latents (same state as ``train_dm_steps``)."""
     from histodiff.losses import eps_loss
     from histodiff.training.dm import DMModule
 
+    _no_callbacks(callbacks)
     state_dir = Path(state_dir)
     start = time.time()
     module = DMModule(cfg, autoencoder, scale_factor)
