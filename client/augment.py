@@ -4,25 +4,11 @@ the labeled-site pipeline (decoder fine-tuning, guided generation, selection, Ta
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
 from histodiff.config import compose, main_guard
-
-
-def _setup_logging(out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
-    root = logging.getLogger()
-    root.setLevel(logging.INFO)
-    for old in [h for h in root.handlers if getattr(h, "_histodiff_augment", False)]:
-        root.removeHandler(old)  # a second run in one process logs once, to its own folder
-        old.close()
-    for handler in (logging.StreamHandler(sys.stdout), logging.FileHandler(out / "augment.log")):
-        handler.setFormatter(fmt)
-        handler._histodiff_augment = True  # type: ignore[attr-defined]
-        root.addHandler(handler)
+from histodiff.logs import setup_logging
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -42,7 +28,7 @@ def main(argv: list[str]) -> int:
     args = parse(argv)
     cfg = compose(args.overrides)
     out = Path(args.out)
-    _setup_logging(out)
+    setup_logging(out, "augment.log")
     results = run_augment(cfg, args.data, args.test, args.model, out)
     print((out / "table1.md").read_text(), end="")
     return 0 if results else 1

@@ -14,9 +14,11 @@ app = ClientApp()
 
 def _site(context: Context):
     from client import task
+    from strategies.settings import site_run_config
 
     site = task.site_from_context(context.node_config, context.run_config)
-    cfg = task.site_config(context.run_config, site)
+    # the federation's privacy overrides (privacy.planned_steps in target-epsilon mode) reach every site
+    cfg = task.site_config(site_run_config(context.run_config), site)
     task.ensure_phantom(cfg, site, int(context.run_config.get("phantom-per-class", 4)), int(cfg.seed))
     return site, cfg
 
@@ -46,7 +48,7 @@ def _refuse_labeled(site) -> None:
 
 @app.train("lae")
 def train_lae(message: Message, context: Context) -> Message:
-    from client import task
+    from client import privacy, task
     from client.outbox import phase_arrays
     from strategies.arrays import from_record, to_record, transfer_dtype
 
@@ -55,8 +57,10 @@ def train_lae(message: Message, context: Context) -> Message:
     _refuse_labeled(site)
     conf = message.content["config"]
     weights = from_record(message.content[ARRAYS_KEY])
-    result = task.lae_round(cfg, task.load_dataset(cfg), site, int(conf["local-steps"]), weights,
-                            float(conf.get("proximal-mu", 0.0)))
+    # DP-SGD under local DP (a budget refusal raises: an error reply with a one-line reason), clipped update
+    # under central DP, else task.lae_round
+    result = privacy.lae_round(cfg, task.load_dataset(cfg), site, int(conf["local-steps"]), weights,
+                               float(conf.get("proximal-mu", 0.0)))
     content = RecordDict({
         ARRAYS_KEY: to_record(result.weights, transfer_dtype(str(conf["transfer-dtype"]))),
         METRICS_KEY: _metrics({**result.metrics, "num-examples": result.num_examples, "step": result.step,
@@ -67,7 +71,7 @@ def train_lae(message: Message, context: Context) -> Message:
 
 @app.query("latent_stats")
 def latent_stats(message: Message, context: Context) -> Message:
-    from client import task
+    from client import privacy, task
     from strategies.arrays import from_record
 
     site, cfg = _site(context)
@@ -77,16 +81,16 @@ def latent_stats(message: Message, context: Context) -> Message:
     if digest != str(message.content["config"].get("lae-digest", digest)):
         raise RuntimeError("the global autoencoder arrived corrupted (digest mismatch)")
     dataset = task.load_dataset(cfg, train=False)
-    stats = task.latent_stats(cfg, dataset, task.build_global_autoencoder(cfg, weights))
+    stats, dp_metrics = privacy.latent_stats(cfg, dataset, task.build_global_autoencoder(cfg, weights), site)
     content = RecordDict({METRICS_KEY: _metrics({
         "latent-sum": float(stats.sum), "latent-sum-sq": float(stats.sum_sq), "latent-count": int(stats.count),
-        "num-examples": len(dataset)})})
+        "num-examples": len(dataset), **dp_metrics})})
     return _reply(message, content, {})
 
 
 @app.train("dm")
 def train_dm(message: Message, context: Context) -> Message:
-    from client import task
+    from client import privacy, task
     from client.outbox import phase_arrays
     from strategies.arrays import from_record, to_record, transfer_dtype
 
@@ -103,8 +107,8 @@ def train_dm(message: Message, context: Context) -> Message:
         ae_weights = task.cached_global_autoencoder(site, digest)
     autoencoder = task.build_global_autoencoder(cfg, ae_weights)
     weights = from_record(message.content[ARRAYS_KEY])
-    result = task.dm_round(cfg, task.load_dataset(cfg), site, int(conf["local-steps"]), weights, autoencoder,
-                           float(conf["scale-factor"]), float(conf.get("proximal-mu", 0.0)))
+    result = privacy.dm_round(cfg, task.load_dataset(cfg), site, int(conf["local-steps"]), weights, autoencoder,
+                              float(conf["scale-factor"]), float(conf.get("proximal-mu", 0.0)))
     content = RecordDict({
         ARRAYS_KEY: to_record(result.weights, transfer_dtype(str(conf["transfer-dtype"]))),
         METRICS_KEY: _metrics({**result.metrics, "num-examples": result.num_examples, "step": result.step,

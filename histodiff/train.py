@@ -15,24 +15,9 @@ import torch
 
 from histodiff.config import ConfigError, compose, main_guard, to_yaml
 from histodiff.errors import InputError
+from histodiff.logs import setup_logging
 
 log = logging.getLogger("histodiff.train")
-
-
-def setup_logging(run_dir: Path) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
-    root = logging.getLogger()
-    root.setLevel(logging.INFO)
-    for old in [h for h in root.handlers if getattr(h, "_histodiff", False)]:
-        root.removeHandler(old)  # a second stage in the same process logs once, to its own run_dir
-        old.close()
-    for handler in (logging.StreamHandler(sys.stdout), logging.FileHandler(run_dir / "train.log")):
-        handler.setFormatter(fmt)
-        handler._histodiff = True
-        root.addHandler(handler)
-    for noisy in ("lightning", "lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def make_loggers(run_dir: Path, stage: str, start_step: int) -> list:
@@ -160,7 +145,7 @@ def main(argv: list[str]) -> int:
         raise ConfigError(f"arguments are key=value overrides, got {bad[0]!r}")
     cfg = compose(argv)
     run_dir = Path(cfg.run_dir)
-    setup_logging(run_dir)
+    setup_logging(run_dir, "train.log")
     (run_dir / f"config.{cfg.stage}.yaml").write_text(to_yaml(cfg))
     log.info("stage %s, profile %s, run_dir %s", cfg.stage, cfg.profile, run_dir)
     STAGES[cfg.stage](cfg, run_dir)

@@ -10,11 +10,13 @@ from typing import Callable
 import torch
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
+from flwr.serverapp.exception import PrivacyBudgetExhausted as CentralBudgetExhausted
 
 from histodiff.training.latent_stats import LatentStats
 from strategies import checkpoint as ckpt
 from strategies.aggregate import MetricMean, ReplyMismatch, StreamingMean
 from strategies.arrays import to_record, transfer_dtype, weights_digest
+from strategies.privacy import CentralDP, PrivacyLedger, without_privacy_metrics
 from strategies.rounds import RoundTrip
 from strategies.schedule import Plan, ServerState, advance, load_state, save_state, start_state
 from strategies.server_opt import ServerEMA, build_server_optimizer
@@ -43,6 +45,10 @@ class Federation:
         self.state: ServerState = start_state(self.plan)
         self.opt = build_server_optimizer("fedavg")
         self.ema = ServerEMA(0.0)
+        # each site's reported epsilon per round, refusals, exhausted sites; central DP's server-side accountant
+        self.privacy = PrivacyLedger(self.run_dir)
+        self.central = (CentralDP.from_config(cfg, population_size=1000)
+                        if cfg.privacy.dp and cfg.privacy.mode == "central" else None)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -53,6 +59,8 @@ class Federation:
         while self.state.phase != "done":
             try:
                 line = self._round()
+            except CentralBudgetExhausted as exc:
+                return self._stop(str(exc))
             except RoundFailed as exc:
                 now = time.monotonic()
                 failing_since = failing_since or now
@@ -63,12 +71,25 @@ class Federation:
                 continue
             failing_since = None
             self._commit(line)
+        self._privacy_report()
         self.emit(f"federated run done: {self.run_dir}")
         return self.state
+
+    def _privacy_report(self) -> None:
+        from histodiff.privacy.report import write_privacy_report
+
+        try:
+            json_path, md_path = write_privacy_report(self.run_dir, self.cfg)
+        except Exception as exc:  # noqa: BLE001 - the report never breaks a finished run
+            log.warning("privacy report not written: %s", exc)
+            return
+        self.emit(f"privacy report: {json_path} {md_path}")
 
     def _stop(self, reason: str) -> ServerState:
         self.state.status, self.state.message = "stopped", reason
         save_state(self.run_dir, self.state)  # same checkpoint pointer: the last round stays intact
+        self.privacy.save()  # refusals and spend of the failed round too: the sites did spend it
+        self._privacy_report()
         msg = (f"FEDERATION STOPPED in phase {self.state.phase} after {self.state.global_round} rounds: {reason}. "
                f"Last checkpoint: {self.run_dir / (self.state.checkpoint or '-')}; "
                f"continue with `python -m server.run --resume {self.run_dir}`")
@@ -88,12 +109,15 @@ class Federation:
             self._new_phase_strategy()
             self.opt.load_state_dict(strategy_state)
             self.ema.load_state_dict(strategy_state)
+            if self.central and self.privacy.central:
+                self.central.load_state_dict(self.privacy.central.get("state", {}))
             self.emit(f"resumed {self.run_dir} at {self.state.phase} round {self.state.phase_round + 1} "
                       f"(global round {self.state.global_round + 1})")
         else:
             if previous is not None and previous.global_round > 0:
                 raise FederationStopped(f"{self.run_dir} already holds a run; pass resume=true or use a new run-dir")
             self.state = start_state(self.plan)
+            self.privacy.sites, self.privacy.central = {}, {}  # a leftover ledger of a run that never committed
             self.weights = ckpt.init_lae_weights(self.cfg, self.s.seed)
             self._new_phase_strategy()
 
@@ -114,6 +138,15 @@ class Federation:
                               {**self.opt.state_dict(), **self.ema.state_dict(), "rng/torch": torch.get_rng_state()})
         if finished_phase == "dm":
             ckpt.export_model(self.run_dir, self.cfg, self.ema.weights(self.weights), self.state.scale_factor)
+        if self.central:
+            self.privacy.central = {**self.central.summary(), "state": self.central.state_dict()}
+        # the ledger before the state pointer: after a crash in between, the round is redone and its spend is
+        # counted twice (conservative), never lost
+        self.privacy.save()
+        if self.cfg.privacy.dp:
+            line["privacy"] = self.privacy.summary()
+        if self.central:
+            line["privacy_central"] = {k: v for k, v in self.privacy.central.items() if k != "state"}
         self.state.checkpoint = rel
         save_state(self.run_dir, self.state)
         ckpt.prune(self.run_dir, rel)
@@ -161,6 +194,8 @@ class Federation:
             values["scale-factor"] = float(self.state.scale_factor)
         if self.state.lae_digest:
             values["lae-digest"] = self.state.lae_digest
+        if self.central and phase in PHASE_PREFIXES:
+            values.update(self.central.config_values())  # the clipping norm, under Flower's key
         return ConfigRecord(values)
 
     def _phase_weights(self, phase: str) -> dict[str, torch.Tensor]:
@@ -173,7 +208,9 @@ class Federation:
         start = time.time()
         if phase == "dm" and not any(k.startswith("unet.") for k in self.weights):
             self.weights.update(ckpt.init_unet_weights(self.cfg, self.s.seed))
-        nodes = self._sites("unlabeled", self.s.min_sites)
+        nodes = self._schedulable(self._sites("unlabeled", self.s.min_sites))
+        if self.central:
+            self.central.check_budget(len(nodes))  # raises CentralBudgetExhausted: the run stops, checkpoint intact
         current = self._phase_weights(phase)
         record = to_record(current, transfer_dtype(self.s.transfer_dtype))
         config = self._config(phase)
@@ -196,14 +233,17 @@ class Federation:
                     raise RuntimeError(_reason(reply))
                 arrays, m = reply.content["arrays"], reply.content["metrics"]
                 n = float(m["num-examples"])
-                acc.add(arrays, n)
-                metrics.add({k: v for k, v in m.items() if k not in ("num-examples", "step")}, n)
+                acc.add(arrays, 1.0 if self.central else n)  # central DP: equal weights bound the sensitivity
+                metrics.add({k: v for k, v in without_privacy_metrics(m).items()
+                             if k not in ("num-examples", "step")}, n)
+                self.privacy.record(node, phase, self.state.global_round + 1, m, len(arrays), arrays.count_bytes())
                 received[node] = arrays.count_bytes()
                 answered.append(node)
                 if phase == "dm" and node not in self.state.has_lae:
                     self.state.has_lae.append(node)
             except (RuntimeError, KeyError, ReplyMismatch) as exc:
                 dropped[node] = str(exc)
+                self.privacy.record_refusal(node, phase, self.state.global_round + 1, str(exc))
                 if phase == "dm" and node in self.state.has_lae and "global autoencoder" in str(exc):
                     self.state.has_lae.remove(node)  # resend the encoder next time
         for node in trip.missing:
@@ -213,6 +253,8 @@ class Federation:
             raise RoundFailed(f"{len(answered)} of {len(nodes)} sites answered, min-sites={self.s.min_sites}")
         mean = acc.mean()
         del acc
+        if self.central:
+            mean = self.central.privatize(mean, [1.0] * len(answered))
         new = self.opt.step(current, mean)
         self.weights.update(new)
         self.ema.update(new)
@@ -221,9 +263,16 @@ class Federation:
     def _part(self, prefix: str) -> dict[str, torch.Tensor]:
         return {k: v for k, v in self.weights.items() if k.startswith(prefix)}
 
+    def _schedulable(self, nodes: list[int]) -> list[int]:
+        """Sites with privacy budget left; RoundFailed below min-sites."""
+        nodes = self.privacy.schedulable(nodes)
+        if len(nodes) < self.s.min_sites:
+            raise RoundFailed(f"{len(nodes)} site(s) left with privacy budget, min-sites={self.s.min_sites}")
+        return nodes
+
     def _stats_round(self) -> dict:
         start = time.time()
-        nodes = self._sites("unlabeled", self.s.min_sites)
+        nodes = self._schedulable(self._sites("unlabeled", self.s.min_sites))
         ae = self._part("autoencoder.")
         self.state.lae_digest = weights_digest(ae)
         record = to_record(ae)  # fp32: every site must hold the identical frozen encoder
@@ -238,8 +287,10 @@ class Federation:
         for node, reply in trip:
             if reply.has_error() or "metrics" not in reply.content:
                 dropped[node] = _reason(reply)
+                self.privacy.record_refusal(node, "latent-stats", self.state.global_round + 1, dropped[node])
                 continue
             m = reply.content["metrics"]
+            self.privacy.record(node, "latent-stats", self.state.global_round + 1, m)
             parts.append(LatentStats(float(m["latent-sum"]), float(m["latent-sum-sq"]), int(m["latent-count"])))
             answered.append(node)
         for node in trip.missing:
@@ -310,6 +361,11 @@ def _reason(reply: Message) -> str:
 def progress_line(line: dict) -> str:
     losses = " ".join(f"{k}={v:.4g}" for k, v in line.get("losses", {}).items() if "seconds" not in k and k != "lr")
     extra = f" scale_factor={line['scale_factor']:.5g}" if "scale_factor" in line else ""
+    spent = [s["epsilon"] for s in (line.get("privacy") or {}).values() if s.get("epsilon") is not None]
+    if spent:
+        extra += f" max-site-epsilon={max(spent):.3g}"
+    if line.get("privacy_central"):
+        extra += f" central-epsilon={line['privacy_central'].get('epsilon', 0.0):.3g}"
     return (f"[fed] {line['phase']} round {line['round']}/{line['rounds']} (global {line['global_round']}): "
             f"{line['sites_answered']}/{line['sites_asked']} sites{extra} {losses} | "
             f"sent {line['bytes_sent'] / MB:.2f} MB received {line['bytes_received'] / MB:.2f} MB | "

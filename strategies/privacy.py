@@ -57,8 +57,8 @@ class PrivacyLedger:
         if sent_bytes is not None:
             entry["bytes"] = int(sent_bytes)
         site["rounds"].append(entry)
-        if dp:
-            site["epsilon"], site["delta"] = dp.get("epsilon", 0.0), dp.get("delta")
+        if "epsilon" in dp:  # local DP; central DP's per-site metrics (update norm, clipped) carry none
+            site["epsilon"], site["delta"] = dp["epsilon"], dp.get("delta")
             site["target_epsilon"] = dp.get("target-epsilon")
             if dp.get("exhausted", 0.0) >= 1.0:
                 self._exhaust(site, node, f"spent epsilon {site['epsilon']:.3f} of {site['target_epsilon']:g}")

@@ -24,3 +24,15 @@ def phantom_labeled(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from histodiff.data.phantom import write_phantom_site
 
     return write_phantom_site(tmp_path_factory.mktemp("phantom") / "site0", per_class=3, size=32, site=0, seed=0)
+
+
+@pytest.fixture(autouse=True)
+def _drop_entry_point_log_handlers():
+    """Entry points called in-process attach handlers to pytest's captured stdout: detach them after each test."""
+    yield
+    import logging
+
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if getattr(h, "_histodiff_handler", False)]:
+        root.removeHandler(handler)
+        handler.close()

@@ -157,7 +157,8 @@ def privacy_markdown(report: dict[str, Any]) -> str:
         out += ["Epsilon per round as reported to the server:", ""]
         for node, s in sorted(report["server_ledger"].items()):
             trail = ", ".join(f"{r['phase']}{r['round']}: {r['epsilon']:.2f}" if "epsilon" in r else
-                              f"{r['phase']}{r['round']}: refused" for r in s.get("rounds", []))
+                              f"{r['phase']}{r['round']}: refused" if "refused" in r else
+                              f"{r['phase']}{r['round']}: sent" for r in s.get("rounds", []))
             out.append(f"- site {node}{' (exhausted: not scheduled any more)' if s.get('exhausted') else ''}: {trail}")
         out.append("")
     if report.get("central"):
