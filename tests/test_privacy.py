@@ -55,10 +55,13 @@ def test_site_at_budget_refuses(tmp_path):
 
 def test_target_epsilon_mode_spends_the_budget_in_planned_steps(tmp_path):
     acc = SiteAccountant.load_or_create(tmp_path, 4.0, 1e-5)
+    # the plan: 199 DP-SGD steps and, last, the latent-statistics release of the whole data set
     sigma = acc.fix_mechanism(sample_rate=0.1, max_grad_norm=1.0, noise_multiplier=None, planned_steps=200)
     assert sigma > 0.5
-    acc.record_steps("lae", 200)
-    assert 3.8 < acc.epsilon() <= 4.0
+    acc.record_steps("lae", 199)
+    acc.check_budget(1, "site0", release=(sigma, 1.0))  # the planned release still fits: no refusal
+    acc.record_release("latent-stats", sigma)
+    assert 3.95 < acc.epsilon() <= 4.0 * (1 + 1e-6)
     with pytest.raises(ValueError, match="fixed"):
         acc.fix_mechanism(0.1, 1.0, sigma * 2, 0)
 

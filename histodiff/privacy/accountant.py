@@ -117,19 +117,37 @@ class SiteAccountant:
         """Set (once) the noise multiplier: given, or the one that spends ``target_epsilon`` in ``planned_steps``."""
         if self.noise_multiplier is None:
             if noise_multiplier is None:
-                from opacus.accountants.utils import get_noise_multiplier
-
                 if planned_steps <= 0:
                     raise ValueError("target-epsilon mode needs privacy.planned_steps > 0")
-                noise_multiplier = get_noise_multiplier(target_epsilon=self.target_epsilon, target_delta=self.delta,
-                                                        sample_rate=sample_rate, steps=planned_steps,
-                                                        accountant="rdp", epsilon_tolerance=0.01)
+                # the plan's last unit is the latent-statistics release, a Gaussian release of the whole
+                # data set (sample rate 1): price it as such, or the site would refuse that round
+                releases = 1 if planned_steps > 1 else 0
+                noise_multiplier = self._sigma_for_target(sample_rate, planned_steps - releases, releases)
             self.noise_multiplier = float(noise_multiplier)
         elif noise_multiplier is not None and not math.isclose(noise_multiplier, self.noise_multiplier):
             raise ValueError(f"privacy.noise_multiplier={noise_multiplier} but this site has trained with "
                              f"{self.noise_multiplier}; keep it fixed for the whole run")
         self.sample_rate, self.max_grad_norm = float(sample_rate), float(max_grad_norm)
         return self.noise_multiplier
+
+    def _sigma_for_target(self, sample_rate: float, steps: int, releases: int) -> float:
+        """Smallest noise multiplier whose ``steps`` DP-SGD steps plus ``releases`` full releases fit the target."""
+        from opacus.accountants import RDPAccountant
+        from opacus.accountants.analysis import rdp as analysis
+
+        def spent(sigma: float) -> float:
+            rdp = steps * _one_step_rdp(sigma, sample_rate) + releases * _one_step_rdp(sigma, 1.0)
+            return float(analysis.get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=self.delta)[0])
+
+        lo, hi = 0.0, 1.0
+        while spent(hi) > self.target_epsilon:
+            lo, hi = hi, hi * 2
+            if hi > 1e4:
+                raise ValueError(f"no noise multiplier reaches epsilon {self.target_epsilon:g} in {steps} steps")
+        for _ in range(40):  # bisection to well within opacus' own epsilon tolerance
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if spent(mid) > self.target_epsilon else (lo, mid)
+        return hi
 
     def check_budget(self, steps: int, site: str = "site", release: tuple[float, float] | None = None) -> None:
         """Refuse (one line) when ``steps`` more DP steps (or ``release`` = (sigma, q) events) would pass the budget."""
