@@ -26,6 +26,23 @@ def phantom_labeled(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_phantom_site(tmp_path_factory.mktemp("phantom") / "site0", per_class=3, size=32, site=0, seed=0)
 
 
+@pytest.fixture(scope="session")
+def phantom_unlabeled(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An unlabeled phantom site: 4 tiles of each class, 32 px, flat folder (pre-training data)."""
+    from histodiff.data.phantom import write_phantom_site
+
+    return write_phantom_site(tmp_path_factory.mktemp("phantom") / "unlabeled", per_class=4, size=32, site=0,
+                              seed=0, labeled=False)
+
+
+@pytest.fixture(scope="session")
+def phantom_tiles(phantom_unlabeled: Path, tmp_path_factory: pytest.TempPathFactory):
+    """``phantom_unlabeled`` as a training TileFolder (flips/rotations on)."""
+    from histodiff.data import TileFolder
+
+    return TileFolder(phantom_unlabeled, image_size=32, work_dir=tmp_path_factory.mktemp("work"), train=True)
+
+
 @pytest.fixture(autouse=True)
 def _drop_entry_point_log_handlers():
     """Entry points called in-process attach handlers to pytest's captured stdout: detach them after each test."""

@@ -9,8 +9,6 @@ from pathlib import Path
 import pytest
 
 from histodiff.config import compose
-from histodiff.data import TileFolder
-from histodiff.data.phantom import write_phantom_site
 from histodiff.privacy import ACCOUNTANT_FILE, PrivacyBudgetExhausted
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,16 +19,14 @@ TINY = ["profile=tiny", "weights.perceptual=random", "tiles.image_size=32", "til
         "privacy.dp=true", "privacy.noise_multiplier=1.0", "privacy.max_grad_norm=1.0", "privacy.target_epsilon=50"]
 
 
-@pytest.fixture(scope="module")
-def phantom(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("phantom")
-    write_phantom_site(root, per_class=4, size=32, site=0, seed=0, labeled=False)
-    return root
+@pytest.fixture
+def phantom(phantom_unlabeled):
+    return phantom_unlabeled
 
 
-@pytest.fixture(scope="module")
-def tiles(phantom, tmp_path_factory):
-    return TileFolder(phantom, image_size=32, work_dir=tmp_path_factory.mktemp("work"), train=True)
+@pytest.fixture
+def tiles(phantom_tiles):
+    return phantom_tiles
 
 
 RESTART = """

@@ -8,7 +8,6 @@ import torch
 
 from histodiff.config import compose
 from histodiff.data import TileFolder
-from histodiff.data.phantom import write_phantom_site
 from histodiff.training import LatentStats, compute_latent_stats, train_dm_steps, train_lae_steps
 from histodiff.training.latent_stats import latent_moments
 
@@ -16,16 +15,14 @@ TINY = ["profile=tiny", "weights.perceptual=random", "tiles.image_size=32", "til
         "train.progress=false", "train.log_every=1000"]
 
 
-@pytest.fixture(scope="module")
-def phantom(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("phantom")
-    write_phantom_site(root, per_class=4, size=32, site=0, seed=0, labeled=False)
-    return root
+@pytest.fixture
+def phantom(phantom_unlabeled):
+    return phantom_unlabeled
 
 
-@pytest.fixture(scope="module")
-def tiles(phantom, tmp_path_factory):
-    return TileFolder(phantom, image_size=32, work_dir=tmp_path_factory.mktemp("work"), train=True)
+@pytest.fixture
+def tiles(phantom_tiles):
+    return phantom_tiles
 
 
 def test_lae_reconstruction_loss_falls(tiles, tmp_path):

@@ -220,7 +220,7 @@ def dp_train_dm_steps(cfg, dataset, state_dir: Path, steps: int, autoencoder, sc
                       site: str = "site", progress: bool | None = None, callbacks: list | None = None) -> LocalResult:
     """``steps`` DP-SGD steps of the UNet on frozen, globally scaled latents (same state as ``train_dm_steps``)."""
     from histodiff.losses import eps_loss
-    from histodiff.training.dm import DMModule
+    from histodiff.training.dm import DMModule, build_dm_optimizer
 
     _no_callbacks(callbacks)
     state_dir = Path(state_dir)
@@ -237,12 +237,7 @@ def dp_train_dm_steps(cfg, dataset, state_dir: Path, steps: int, autoencoder, sc
     module.to(device)
     module.autoencoder.to(device)
     module.ema.to(device)
-    opt = torch.optim.AdamW(module.unet.parameters(), lr=dm.lr, weight_decay=dm.weight_decay)
-    warmup = max(1, dm.warmup_steps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
-    if module.optimizer_state:
-        opt.load_state_dict(module.optimizer_state["optimizer"])
-        sched.load_state_dict(module.optimizer_state["scheduler"])
+    opt, sched = build_dm_optimizer(module.unet, dm, module.optimizer_state)
     module.unet.train()
     gsm, dpo = _make_private(_UNetForward(module.unet), opt, noise, cfg.privacy.max_grad_norm, round(q * len(dataset)))
     T = module.noise_scheduler.config.num_train_timesteps

@@ -13,6 +13,17 @@ from histodiff.losses import eps_loss
 from histodiff.models.unet import build_unet
 
 
+def build_dm_optimizer(unet, dm_cfg, saved: dict | None = None):
+    """AdamW with a linear warm-up (per step), restored from ``saved`` when the site has trained before."""
+    opt = torch.optim.AdamW(unet.parameters(), lr=dm_cfg.lr, weight_decay=dm_cfg.weight_decay)
+    warmup = max(1, dm_cfg.warmup_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+    if saved:
+        opt.load_state_dict(saved["optimizer"])
+        sched.load_state_dict(saved["scheduler"])
+    return opt, sched
+
+
 class DMModule(L.LightningModule):
     """Paper eq. 3 on z_0 = scale_factor * E(x); the encoder is frozen and not part of the module's state."""
 
@@ -39,13 +50,7 @@ class DMModule(L.LightningModule):
         self.ema.to(self.device)
 
     def configure_optimizers(self):
-        dm = self.cfg.dm
-        opt = torch.optim.AdamW(self.unet.parameters(), lr=dm.lr, weight_decay=dm.weight_decay)
-        warmup = max(1, dm.warmup_steps)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
-        if self.optimizer_state:
-            opt.load_state_dict(self.optimizer_state["optimizer"])
-            sched.load_state_dict(self.optimizer_state["scheduler"])
+        opt, sched = build_dm_optimizer(self.unet, self.cfg.dm, self.optimizer_state)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     @torch.no_grad()
