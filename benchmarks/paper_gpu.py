@@ -12,6 +12,7 @@ import time
 import torch
 from torch.utils.data import TensorDataset
 
+from benchmarks.train_step import BatchWindow
 from histodiff.config import compose
 from histodiff.diffusion import build_ddim
 from histodiff.models import build_autoencoder, build_unet
@@ -21,31 +22,8 @@ from histodiff.training.dm import DMModule
 from histodiff.training.lae import LAEModule
 
 
-class _Window:
-    """Lightning callback: wall time of the batches after ``skip`` warm-up ones."""
-
-    def __init__(self, skip: int):
-        import lightning as L
-
-        outer = self
-
-        class Callback(L.Callback):
-            def on_train_batch_start(self, trainer, module, batch, idx):
-                if idx == skip:
-                    if torch.cuda.is_available():
-                        torch.cuda.synchronize()
-                    outer.t0 = time.perf_counter()
-
-            def on_train_batch_end(self, trainer, module, outputs, batch, idx):
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                outer.elapsed = time.perf_counter() - outer.t0
-
-        self.callback, self.t0, self.elapsed = Callback(), 0.0, 0.0
-
-
 def _fit(cfg, module, data, steps, skip) -> float:
-    window = _Window(skip)
+    window = BatchWindow(skip)
     trainer = make_trainer(cfg.train, steps + skip, False, [window.callback], progress=False)
     trainer.fit(module, step_loader(data, cfg.tiles.batch_size, steps + skip, 0))
     return steps * cfg.tiles.batch_size / window.elapsed

@@ -22,10 +22,16 @@ from histodiff.training.dm import DMModule
 from histodiff.training.lae import LAEModule
 
 
-class _Timer:
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+class BatchWindow:
     """Lightning callback: wall time from the first timed batch's start to the last batch's end.
 
-    Everything between batches (data fetch, logging, progress, hooks) is inside the window.
+    Everything between batches (data fetch, logging, progress, hooks) is inside the window; CUDA work is
+    synchronised at both ends so a GPU run times finished work.
     """
 
     def __init__(self, skip: int):
@@ -36,20 +42,22 @@ class _Timer:
         class Callback(L.Callback):
             def on_train_batch_start(self, trainer, module, batch, idx):
                 if idx == skip:
+                    _sync()
                     outer.t0 = time.perf_counter()
 
             def on_train_batch_end(self, trainer, module, outputs, batch, idx):
-                outer.total = time.perf_counter() - outer.t0
+                _sync()
+                outer.elapsed = time.perf_counter() - outer.t0
 
-        self.callback, self.total, self.t0 = Callback(), 0.0, 0.0
+        self.callback, self.elapsed, self.t0 = Callback(), 0.0, 0.0
 
 
 def lightning_lae(cfg, data, steps, skip):
-    timer = _Timer(skip)
+    timer = BatchWindow(skip)
     module = LAEModule(cfg)
     trainer = make_trainer(cfg.train, steps + skip, False, [timer.callback], progress=False)
     trainer.fit(module, step_loader(data, cfg.tiles.batch_size, steps + skip, 0))
-    return timer.total
+    return timer.elapsed
 
 
 def bare_lae(cfg, data, steps, skip):
@@ -75,11 +83,11 @@ def bare_lae(cfg, data, steps, skip):
 
 
 def lightning_dm(cfg, data, steps, skip):
-    timer = _Timer(skip)
+    timer = BatchWindow(skip)
     module = DMModule(cfg, build_autoencoder(cfg.lae), 1.0)
     trainer = make_trainer(cfg.train, steps + skip, False, [timer.callback], progress=False)
     trainer.fit(module, step_loader(data, cfg.tiles.batch_size, steps + skip, 0))
-    return timer.total
+    return timer.elapsed
 
 
 def bare_dm(cfg, data, steps, skip):

@@ -9,9 +9,8 @@ from __future__ import annotations
 from typing import Callable, Optional, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
-from histodiff.sampling import Guidance
+from histodiff.sampling import Guidance, ddim_loop
 
 
 def classifier_guidance(classifier: torch.nn.Module, alphas_cumprod: torch.Tensor, labels: torch.Tensor,
@@ -40,22 +39,14 @@ def seeded_noise(seeds: Sequence[int], shape: tuple[int, ...], step: int, device
     return torch.stack(out).to(device)
 
 
-@torch.no_grad()
 def ddim_sample_seeded(unet, scheduler, seeds: Sequence[int], steps: int, eta: float = 0.0,
                        guidance: Optional[Guidance] = None, progress: bool = False) -> torch.Tensor:
     """DDIM over len(seeds) latents in one batch; returns scaled z_0. Same seeds -> same latents."""
     device = next(unet.parameters()).device
     cfg = unet.config
     shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
-    z = seeded_noise(seeds, shape, 0, device)
-    scheduler.set_timesteps(steps, device=device)
-    for k, t in enumerate(tqdm(scheduler.timesteps, desc="ddim", disable=not progress, leave=False)):
-        eps = unet(z, t).sample
-        if guidance is not None:
-            eps = guidance(z, t, eps)
-        noise = seeded_noise(seeds, shape, k + 1, device) if eta > 0 else None
-        z = scheduler.step(eps, t, z, eta=eta, variance_noise=noise).prev_sample
-    return z
+    return ddim_loop(unet, scheduler, seeded_noise(seeds, shape, 0, device), steps, eta, guidance=guidance,
+                     progress=progress, step_noise=lambda k: seeded_noise(seeds, shape, k + 1, device))
 
 
 def sample_classes(unet, scheduler, classifier, alphas_cumprod: torch.Tensor, labels: Sequence[int],

@@ -12,6 +12,30 @@ from tqdm.auto import tqdm
 Guidance = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def ddim_loop(
+    unet,
+    scheduler,
+    z: torch.Tensor,
+    steps: int,
+    eta: float = 0.0,
+    generator: Optional[torch.Generator] = None,
+    guidance: Optional[Guidance] = None,
+    progress: bool = False,
+    step_noise: Optional[Callable[[int], torch.Tensor]] = None,
+) -> torch.Tensor:
+    """The DDIM reverse process from z_T; ``step_noise(k)`` supplies step k's noise when eta > 0 (else ``generator``)."""
+    scheduler.set_timesteps(steps, device=z.device)
+    for k, t in enumerate(tqdm(scheduler.timesteps, desc="ddim", disable=not progress, leave=False)):
+        with torch.no_grad():
+            eps = unet(z, t).sample
+        if guidance is not None:
+            eps = guidance(z, t, eps)
+        noise = step_noise(k) if step_noise is not None and eta > 0 else None
+        with torch.no_grad():
+            z = scheduler.step(eps, t, z, eta=eta, generator=generator, variance_noise=noise).prev_sample
+    return z
+
+
 def ddim_sample(
     unet,
     scheduler,
@@ -26,14 +50,7 @@ def ddim_sample(
     device = next(unet.parameters()).device
     cfg = unet.config
     z = torch.randn((num, cfg.in_channels, cfg.sample_size, cfg.sample_size), generator=generator, device=device)
-    scheduler.set_timesteps(steps, device=device)
-    for t in tqdm(scheduler.timesteps, desc="ddim", disable=not progress, leave=False):
-        with torch.no_grad():
-            eps = unet(z, t).sample
-        if guidance is not None:
-            eps = guidance(z, t, eps)
-        z = scheduler.step(eps, t, z, eta=eta, generator=generator).prev_sample
-    return z
+    return ddim_loop(unet, scheduler, z, steps, eta, generator, guidance, progress)
 
 
 @torch.no_grad()

@@ -12,13 +12,13 @@ import shutil
 import ssl
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
 
+from tests.e2e import loopback
 from tests.test_k8s_manifests import K8S, render
 
 pytestmark = pytest.mark.e2e
@@ -140,14 +140,8 @@ def http_probe(probe: dict, port: int) -> int | None:
 
 
 def wait_for(predicate, timeout, what, procs: Started, poll=0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n"
-                         + "\n".join(f"--- {p.name}\n{procs.log(p.stem)}" for p in sorted(procs.logs.glob("*.log"))))
+    return loopback.wait_for(predicate, timeout, what, poll, details=lambda: "\n".join(
+        f"--- {p.name}\n{procs.log(p.stem)}" for p in sorted(procs.logs.glob("*.log"))))
 
 
 def _by(objects, kind, name):

@@ -19,15 +19,6 @@ TINY = ["profile=tiny", "weights.perceptual=random", "tiles.image_size=32", "til
         "privacy.dp=true", "privacy.noise_multiplier=1.0", "privacy.max_grad_norm=1.0", "privacy.target_epsilon=50"]
 
 
-@pytest.fixture
-def phantom(phantom_unlabeled):
-    return phantom_unlabeled
-
-
-@pytest.fixture
-def tiles(phantom_tiles):
-    return phantom_tiles
-
 
 RESTART = """
 import json, sys
@@ -43,23 +34,23 @@ print(json.dumps({"epsilon": r.metrics["dp-epsilon"], "step": r.step}))
 """
 
 
-def test_epsilon_accumulates_across_phases_rounds_and_restart_then_site_refuses(tiles, phantom, tmp_path):
+def test_epsilon_accumulates_across_phases_rounds_and_restart_then_site_refuses(phantom_tiles, phantom_unlabeled, tmp_path):
     from histodiff.models import build_autoencoder
     from histodiff.privacy.dp_train import dp_train_dm_steps, dp_train_lae_steps
     from histodiff.training.common import load_state_file
 
     cfg = compose(TINY)
     site = tmp_path / "site0"
-    lae = dp_train_lae_steps(cfg, tiles, site / "lae", 2, site="site0")
+    lae = dp_train_lae_steps(cfg, phantom_tiles, site / "lae", 2, site="site0")
     assert lae.metrics["disc_factor"] == 0.0 and lae.step == 2
     assert set(k.split(".")[0] for k in lae.weights) == {"autoencoder", "discriminator"}
     eps = [lae.metrics["dp-epsilon"]]
     ae = build_autoencoder(cfg.lae).eval()
-    dm = dp_train_dm_steps(cfg, tiles, site / "dm", 2, ae, 1.0, site="site0")
+    dm = dp_train_dm_steps(cfg, phantom_tiles, site / "dm", 2, ae, 1.0, site="site0")
     eps.append(dm.metrics["dp-epsilon"])
 
     # a SuperNode restart: a new process builds everything from the site's directory
-    args = json.dumps([TINY, str(phantom), str(tmp_path / "work2"), str(site / "dm")])
+    args = json.dumps([TINY, str(phantom_unlabeled), str(tmp_path / "work2"), str(site / "dm")])
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, "-c", RESTART, args], capture_output=True, text=True, env=env, cwd=ROOT,
                          timeout=600)
@@ -76,16 +67,16 @@ def test_epsilon_accumulates_across_phases_rounds_and_restart_then_site_refuses(
     # the same site with a budget it has already spent refuses before touching its state
     spent = compose([*TINY, f"privacy.target_epsilon={eps[2]}"])
     with pytest.raises(PrivacyBudgetExhausted, match="site0: privacy budget exhausted"):
-        dp_train_dm_steps(spent, tiles, site / "dm", 1, ae, 1.0, site="site0")
+        dp_train_dm_steps(spent, phantom_tiles, site / "dm", 1, ae, 1.0, site="site0")
     assert load_state_file(site / "dm")["step"] == 4
     assert json.loads((site / ACCOUNTANT_FILE).read_text())["epsilon"] == pytest.approx(eps[2])
 
 
-def test_dp_training_still_reduces_the_loss(tiles, tmp_path):
+def test_dp_training_still_reduces_the_loss(phantom_tiles, tmp_path):
     from histodiff.models import build_autoencoder
     from histodiff.privacy.dp_train import dp_train_dm_steps
 
     cfg = compose([*TINY, "tiles.batch_size=8", "privacy.noise_multiplier=0.3", "privacy.target_epsilon=1e6", "dm.lr=1e-3", "dm.warmup_steps=5"])
     ae = build_autoencoder(cfg.lae).eval()
-    losses = [dp_train_dm_steps(cfg, tiles, tmp_path, 8, ae, 1.0).metrics["loss"] for _ in range(3)]
+    losses = [dp_train_dm_steps(cfg, phantom_tiles, tmp_path, 8, ae, 1.0).metrics["loss"] for _ in range(3)]
     assert losses[-1] < 0.95 * losses[0], losses

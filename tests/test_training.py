@@ -15,44 +15,35 @@ TINY = ["profile=tiny", "weights.perceptual=random", "tiles.image_size=32", "til
         "train.progress=false", "train.log_every=1000"]
 
 
-@pytest.fixture
-def phantom(phantom_unlabeled):
-    return phantom_unlabeled
 
-
-@pytest.fixture
-def tiles(phantom_tiles):
-    return phantom_tiles
-
-
-def test_lae_reconstruction_loss_falls(tiles, tmp_path):
+def test_lae_reconstruction_loss_falls(phantom_tiles, tmp_path):
     cfg = compose([*TINY, "lae.disc_start=100000", "lae.lr=1e-3"])
-    first = train_lae_steps(cfg, tiles, tmp_path, 8).metrics["rec"]
-    train_lae_steps(cfg, tiles, tmp_path, 60)
-    last = train_lae_steps(cfg, tiles, tmp_path, 8)
+    first = train_lae_steps(cfg, phantom_tiles, tmp_path, 8).metrics["rec"]
+    train_lae_steps(cfg, phantom_tiles, tmp_path, 60)
+    last = train_lae_steps(cfg, phantom_tiles, tmp_path, 8)
     assert last.step == 76
     assert last.metrics["rec"] < 0.6 * first, (first, last.metrics["rec"])
 
 
-def test_dm_loss_falls(tiles, tmp_path):
+def test_dm_loss_falls(phantom_tiles, tmp_path):
     from histodiff.models import build_autoencoder
 
     cfg = compose([*TINY, "dm.warmup_steps=5", "dm.lr=1e-3"])
     ae = build_autoencoder(cfg.lae).eval()
-    first = train_dm_steps(cfg, tiles, tmp_path, 8, ae, 1.0).metrics["loss"]
-    train_dm_steps(cfg, tiles, tmp_path, 60, ae, 1.0)
-    last = train_dm_steps(cfg, tiles, tmp_path, 8, ae, 1.0)
+    first = train_dm_steps(cfg, phantom_tiles, tmp_path, 8, ae, 1.0).metrics["loss"]
+    train_dm_steps(cfg, phantom_tiles, tmp_path, 60, ae, 1.0)
+    last = train_dm_steps(cfg, phantom_tiles, tmp_path, 8, ae, 1.0)
     assert last.step == 76
     assert last.metrics["loss"] < 0.8 * first, (first, last.metrics["loss"])
 
 
-def test_lae_state_round_trips_and_global_weights_override(tiles, tmp_path):
+def test_lae_state_round_trips_and_global_weights_override(phantom_tiles, tmp_path):
     from histodiff.training.common import load_state_file
     from histodiff.training.lae import LAEModule
     from histodiff.training.local import load_lae_state
 
     cfg = compose([*TINY, "lae.disc_start=1"])
-    result = train_lae_steps(cfg, tiles, tmp_path, 3)
+    result = train_lae_steps(cfg, phantom_tiles, tmp_path, 3)
     assert set(k.split(".")[0] for k in result.weights) == {"autoencoder", "discriminator"}
     assert not any("perceptual" in k or "lpips" in k for k in result.weights)
     state = load_state_file(tmp_path)
@@ -63,19 +54,19 @@ def test_lae_state_round_trips_and_global_weights_override(tiles, tmp_path):
         assert torch.equal(v, result.weights[f"autoencoder.{k}"])
     # a federated round hands in global weights: they replace the model, the optimiser state stays
     zeros = {k: torch.zeros_like(v) for k, v in result.weights.items()}
-    again = train_lae_steps(cfg, tiles, tmp_path, 1, init_weights=zeros)
+    again = train_lae_steps(cfg, phantom_tiles, tmp_path, 1, init_weights=zeros)
     assert again.step == 4
     assert load_state_file(tmp_path)["optimizers"][0]["state"][0]["step"] == 4
 
 
-def test_dm_state_keeps_ema_and_warmup(tiles, tmp_path):
+def test_dm_state_keeps_ema_and_warmup(phantom_tiles, tmp_path):
     from histodiff.models import build_autoencoder
     from histodiff.training.common import load_state_file
     from histodiff.training.local import ema_unet_from_state
 
     cfg = compose([*TINY, "dm.warmup_steps=10"])
     ae = build_autoencoder(cfg.lae).eval()
-    result = train_dm_steps(cfg, tiles, tmp_path, 4, ae, 0.5)
+    result = train_dm_steps(cfg, phantom_tiles, tmp_path, 4, ae, 0.5)
     assert set(k.split(".")[0] for k in result.weights) == {"unet"}
     state = load_state_file(tmp_path)
     assert state["step"] == 4 and state["ema"]["optimization_step"] == 4
@@ -96,15 +87,15 @@ def test_latent_moments_match_numpy_and_combine():
     assert total.scale_factor == pytest.approx(1 / everything.std(), rel=1e-9)
 
 
-def test_latent_stats_of_a_dataset(tiles):
+def test_latent_stats_of_a_dataset(phantom_tiles):
     from histodiff.models import build_autoencoder
 
     cfg = compose(TINY)
-    stats = compute_latent_stats(build_autoencoder(cfg.lae), tiles, batch_size=8)
-    assert stats.count == len(tiles) * 3 * 8 * 8 and stats.scale_factor > 0
+    stats = compute_latent_stats(build_autoencoder(cfg.lae), phantom_tiles, batch_size=8)
+    assert stats.count == len(phantom_tiles) * 3 * 8 * 8 and stats.scale_factor > 0
 
 
-def test_lightning_module_one_batch(tiles):
+def test_lightning_module_one_batch(phantom_tiles):
     """Lightning style: a Trainer with limit_train_batches=1, no logger, no checkpointing."""
     import lightning as L
 
@@ -115,7 +106,7 @@ def test_lightning_module_one_batch(tiles):
     module = LAEModule(cfg)
     trainer = L.Trainer(max_epochs=1, limit_train_batches=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(module, step_loader(tiles, 4, 1, 0))
+    trainer.fit(module, step_loader(phantom_tiles, 4, 1, 0))
     assert module.step == 1 and "d_loss" in module.mean_metrics()
 
 
@@ -136,11 +127,11 @@ def test_ddim_sampling_is_seeded_and_writes_pngs(tmp_path):
     assert Image.open(grid).size[0] > 32
 
 
-def test_cli_trains_resumes_and_samples(phantom, tmp_path, capsys):
+def test_cli_trains_resumes_and_samples(phantom_unlabeled, tmp_path, capsys):
     from histodiff.train import main
 
     run = tmp_path / "run"
-    common = [*TINY, f"data={phantom}", f"run_dir={run}", "train.ckpt_every=2", "train.log_every=1", "dm.ddim_steps=3",
+    common = [*TINY, f"data={phantom_unlabeled}", f"run_dir={run}", "train.ckpt_every=2", "train.log_every=1", "dm.ddim_steps=3",
               "sample.num_samples=4", "sample.nrow=2"]
     assert main(["stage=lae", "train.steps=2", *common]) == 0
     assert main(["stage=lae", "train.steps=4", *common]) == 0  # resumes at step 2
@@ -157,10 +148,10 @@ def test_cli_trains_resumes_and_samples(phantom, tmp_path, capsys):
     assert (run / "samples" / "grid.png").exists() and len(list((run / "samples" / "tiles").glob("*.png"))) == 4
 
 
-def test_cli_dm_without_lae_is_a_clear_error(phantom, tmp_path, capsys):
+def test_cli_dm_without_lae_is_a_clear_error(phantom_unlabeled, tmp_path, capsys):
     from histodiff.train import main
 
-    assert main(["stage=dm", *TINY, f"data={phantom}", f"run_dir={tmp_path}"]) == 2
+    assert main(["stage=dm", *TINY, f"data={phantom_unlabeled}", f"run_dir={tmp_path}"]) == 2
     err = capsys.readouterr().err.strip()
     assert "run stage=lae" in err and "\n" not in err
 

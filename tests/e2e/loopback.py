@@ -58,11 +58,12 @@ class Processes:
             flwr_cli.stop(proc, grace=5.0)
 
 
-def wait_for(predicate, timeout: float, what: str, poll: float = 0.5):
+def wait_for(predicate, timeout: float, what: str, poll: float = 0.5, details=None):
+    """Poll ``predicate`` until truthy; on time-out raise with ``details()`` (e.g. process logs) appended."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
         time.sleep(poll)
-    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}" + (f"\n{details()}" if details else ""))
