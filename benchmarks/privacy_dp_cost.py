@@ -1,13 +1,10 @@
-"""Cost of privacy at the tiny profile: DP-SGD step vs the same non-private step, and SecAgg+ per round.
+"""Cost of DP-SGD at the tiny profile: a DP-SGD step vs the same non-private step (SecAgg+: privacy_secagg).
 
-    HF_HUB_OFFLINE=1 python -m benchmarks.privacy_dp_cost [--steps 5] [--sites 3] [overrides...]
+    HF_HUB_OFFLINE=1 python -m benchmarks.privacy_dp_cost [--steps 5] [overrides...]
 
 The two training steps share model, batch and loss; only opacus differs (per-sample gradients in hooks
 mode, clipping, noise). Steps are interleaved (plain, DP, plain, DP, ...) so a noisy shared machine hurts
-both alike; the median is reported. SecAgg+: Flower's masking arithmetic (``strategies.privacy.secagg_sum``)
-on the phase's real arrays for ``--sites`` sites, against the plain weighted mean of the same arrays; then
-Flower's real SecAgg+ workflow against the plain workflow in the simulation runtime (benchmarks.privacy_secagg),
-round 2 of each (warm actors).
+both alike; the median is reported.
 """
 
 from __future__ import annotations
@@ -114,63 +111,12 @@ def bench_lae(cfg, steps: int) -> dict:
     return out
 
 
-def bench_secagg(cfg, sites: int, repeats: int = 3) -> dict:
-    import numpy as np
-
-    from histodiff.models import build_autoencoder
-    from histodiff.models.unet import build_unet
-    from strategies.privacy import secagg_sum
-
-    out = {}
-    for phase, model in (("lae", build_autoencoder(cfg.lae)), ("dm", build_unet(cfg))):
-        base = [v.detach().numpy().astype(np.float32) for v in model.state_dict().values()]
-        arrays = [[b + np.float32(0.01) * np.random.default_rng(i).standard_normal(b.shape, dtype=np.float32)
-                   for b in base] for i in range(sites)]
-        weights = [float(36 + i) for i in range(sites)]
-
-        def plain():
-            return [sum(w * a[k] for w, a in zip(weights, arrays)) / sum(weights) for k in range(len(base))]
-
-        t_plain = min(_time(plain) for _ in range(repeats))
-        t_sec = min(_time(lambda: secagg_sum(arrays, weights)) for _ in range(repeats))
-        agg, ref = secagg_sum(arrays, weights), plain()
-        fp32 = sum(b.nbytes for b in base)
-        out[phase] = {"sites": sites, "plain_s": round(t_plain, 4), "secagg_s": round(t_sec, 3),
-                      "ratio": round(t_sec / t_plain, 1), "max_abs_err": float(max(np.abs(a - r).max() for a, r in zip(agg, ref))),
-                      "fp32_bytes_per_site": fp32, "masked_bytes_per_site": 2 * fp32 + 8,  # int64 masked vector
-                      "extra_message_rounds": 3}
-    return out
-
-
-def bench_secagg_rounds(sites: int, phases=("lae", "dm")) -> dict:
-    """Flower's real SecAgg+ workflow vs the plain one, in the simulation runtime (one subprocess each)."""
-    import subprocess
-    import sys
-
-    out: dict = {}
-    for phase in phases:
-        for mode in ("plain", "secagg"):
-            proc = subprocess.run([sys.executable, "-m", "benchmarks.privacy_secagg", "--mode", mode, "--phase", phase,
-                                   "--sites", str(sites), "--rounds", "2"], capture_output=True, text=True, timeout=600)
-            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-            out.setdefault(phase, {})[mode] = json.loads(line[7:]) if line else {"error": proc.stderr[-500:]}
-        res = out[phase]
-        if "round_seconds" in res["plain"] and "round_seconds" in res["secagg"]:
-            p, s = res["plain"]["round_seconds"]["2"], res["secagg"]["round_seconds"]["2"]
-            res["warm_round_ratio"] = round(s / p, 2)
-            res["warm_round_extra_s"] = round(s - p, 3)
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     from histodiff.config import compose
     from histodiff.training.common import quiet_libraries
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--sites", type=int, default=3)
-    ap.add_argument("--skip-secagg", action="store_true")
-    ap.add_argument("--skip-dp", action="store_true")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
@@ -179,12 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = compose(["profile=tiny", "weights.perceptual=random", *args.overrides])
     result = {"profile": "tiny", "image_size": cfg.tiles.image_size, "batch_size": cfg.tiles.batch_size,
               "threads": torch.get_num_threads()}
-    if not args.skip_dp:
-        result["dm"] = bench_dm(cfg, args.steps)
-        result["lae"] = bench_lae(cfg, args.steps)
-    if not args.skip_secagg:
-        result["secagg"] = bench_secagg(cfg, args.sites)
-        result["secagg_flower_rounds"] = bench_secagg_rounds(args.sites)
+    result["dm"] = bench_dm(cfg, args.steps)
+    result["lae"] = bench_lae(cfg, args.steps)
     print(json.dumps(result, indent=2))
     return 0
 

@@ -1,71 +1,120 @@
-"""One Flower simulation round trip with or without SecAgg+ on a tiny-profile model (for privacy_dp_cost).
+"""Cost of SecAgg+ (strategies/secagg.py): per federated round, and the protocol's compute at the paper profile.
 
-    HF_HUB_OFFLINE=1 python -m benchmarks.privacy_secagg --mode secagg --phase dm --sites 3 --rounds 2
+    HF_HUB_OFFLINE=1 python -m benchmarks.privacy_secagg [--sites 3] [--steps 5] [--skip-federation] [--skip-paper]
 
-Runs Flower's real legacy ``SecAggPlusWorkflow`` + ``secaggplus_mod`` (or the plain DefaultWorkflow) in the
-in-process simulation runtime; prints the seconds from configure_fit to aggregate_fit of every round (round 1
-includes starting the Ray actors) and the largest deviation of the aggregate from the plain weighted mean.
+Federation: the same run (tiny profile, ``--sites`` sites in Flower's simulation runtime through
+``python -m server.run --simulation``, 2 LAE + latent-stats + 2 DM rounds of ``--steps`` local steps) without
+and with ``privacy.secagg=true``; prints each round's seconds and bytes, the protocol stages' seconds, the ratio
+on round 2 of each phase (warm). Paper: the masking work of one round on arrays shaped like the paper profile's
+DM UNet (built on the meta device, random updates): one site's quantise + mask, the server's streaming sum of
+``--sites`` uploads and the unmasking with one site dropped after sharing, in this process on CPU.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
+import resource
+import subprocess
+import sys
 import tempfile
+import time
+from pathlib import Path
 
-import numpy as np
+OVERRIDES = "weights.perceptual=random tiles.batch_size=4"
 
 
-def model_arrays(phase: str) -> list[np.ndarray]:
+def federation(sites: int, steps: int, secagg: bool, root: Path) -> list[dict]:
+    from strategies.checkpoint import read_metrics
+
+    run_dir = root / ("secagg" if secagg else "plain")
+    overrides = OVERRIDES + (" privacy.secagg=true" if secagg else "")
+    config = (f'overrides="{overrides}" lae-rounds=2 dm-rounds=2 deliver=false local-steps={steps} '
+              f'min-sites={min(sites, 2)} work-root="{root / "sites"}" run-name="{run_dir.name}"')
+    proc = subprocess.run([sys.executable, "-m", "server.run", "--run-dir", str(run_dir), "--simulation", str(sites),
+                           "--config", config, "--timeout", "1500"], capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"federated run failed ({proc.returncode}): {proc.stdout[-2000:]} {proc.stderr[-2000:]}")
+    return read_metrics(run_dir)
+
+
+def bench_federation(sites: int, steps: int) -> dict:
+    root = Path(tempfile.mkdtemp(prefix="secagg-bench"))
+    plain, secure = federation(sites, steps, False, root), federation(sites, steps, True, root)
+    rows = []
+    for p, s in zip(plain, secure):
+        rows.append({"phase": p["phase"], "round": p["round"], "plain_s": p["seconds"], "secagg_s": s["seconds"],
+                     "ratio": round(s["seconds"] / p["seconds"], 2),
+                     "plain_MB_received": round(p["bytes_received"] / 1e6, 3),
+                     "secagg_MB_received": round(s["bytes_received"] / 1e6, 3),
+                     "protocol_s": s.get("secagg", {}).get("seconds"),
+                     "quantisation_bound": s.get("secagg", {}).get("quantisation_bound")})
+    return {"sites": sites, "local_steps": steps, "rounds": rows}
+
+
+def bench_paper(sites: int) -> dict:
+    """One secure round's masking work on paper-profile DM UNet shapes (no training; random updates)."""
+    import torch
+    from flwr.app import RecordDict
+
     from histodiff.config import compose
-    from histodiff.models import build_autoencoder
     from histodiff.models.unet import build_unet
+    from strategies.secagg import SecAggParams, SecureSum, SiteSecAgg, WEIGHT_LEVELS
 
-    cfg = compose(["profile=tiny"])
-    model = build_autoencoder(cfg.lae) if phase == "lae" else build_unet(cfg)
-    return [v.detach().numpy().astype(np.float32) for v in model.state_dict().values()]
+    cfg = compose(["profile=paper"])
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in build_unet(cfg).state_dict().items() if v.is_floating_point()}
+    params = SecAggParams.from_config(cfg)
+    nodes = list(range(1, sites + 1))
+    server = SecureSum(params, "bench", shapes)
+    site = {n: SiteSecAgg(RecordDict(), n) for n in nodes}
+    t = time.perf_counter()
+    for n in nodes:
+        server.add_keys(n, site[n].keys("bench", 1000 + n))
+    request = server.share_request()
+    for n in nodes:
+        server.add_shares(n, site[n].shares("bench", request))
+    for n in nodes:
+        site[n].receive("bench", server.forward(n, equal_weights=False))
+    keys_s = time.perf_counter() - t
+    gen = torch.Generator().manual_seed(0)
+    mask_s, add_s = [], []
+    for n in nodes[:-1]:  # the last site drops after sharing its secrets
+        update = {k: torch.randn(s, generator=gen) * 1e-3 for k, s in shapes.items()}
+        t = time.perf_counter()
+        record, _ = site[n].mask("bench", update, WEIGHT_LEVELS, params)
+        mask_s.append(time.perf_counter() - t)
+        del update
+        t = time.perf_counter()
+        server.add_masked(n, record)
+        add_s.append(time.perf_counter() - t)
+        del record
+    request = server.unmask_request()
+    replies = {n: site[n].unmask("bench", request) for n in server.masked}
+    t = time.perf_counter()
+    server.unmask(replies)
+    unmask_s = time.perf_counter() - t
+    n_params = sum(torch.Size(s).numel() for s in shapes.values())
+    return {"model": "paper DM UNet", "params": n_params, "upload_MB": round(4 * (n_params + 1) / 1e6, 1),
+            "sites": sites, "dropped_after_sharing": 1, "keys_and_shares_s": round(keys_s, 3),
+            "site_mask_s": round(min(mask_s), 2), "server_add_per_upload_s": round(min(add_s), 2),
+            "server_unmask_s": round(unmask_s, 2),
+            "peak_rss_GB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2)}
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--mode", choices=("secagg", "plain"), default="secagg")
-    ap.add_argument("--phase", choices=("lae", "dm"), default="dm")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sites", type=int, default=3)
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--skip-federation", action="store_true")
+    ap.add_argument("--skip-paper", action="store_true")
     args = ap.parse_args(argv)
-    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths have a length limit
-    os.environ["RAY_TMPDIR"] = ray_tmp
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    from flwr.simulation import run_simulation
-
-    from strategies.privacy import legacy_secagg_apps
-
-    base = model_arrays(args.phase)
-
-    def site_update(pid: int):
-        rng = np.random.default_rng(pid)
-        return [b + np.float32(0.01) * rng.standard_normal(b.shape, dtype=np.float32) for b in base], 36 + pid
-
-    record: dict = {}
-    server, client = legacy_secagg_apps(site_update, base, args.sites, record, secagg=args.mode == "secagg",
-                                        rounds=args.rounds)
-    try:
-        run_simulation(server, client, num_supernodes=args.sites,
-                       backend_config={"client_resources": {"num_cpus": 1}})
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-    updates = [site_update(i) for i in range(args.sites)]
-    total = sum(w for _, w in updates)
-    plain = [sum(w * a[k] for a, w in updates) / total for k in range(len(base))]
-    last = record["aggregate"][args.rounds]
-    print("RESULT " + json.dumps({
-        "mode": args.mode, "phase": args.phase, "sites": args.sites,
-        "params": int(sum(b.size for b in base)), "fp32_bytes": int(sum(b.nbytes for b in base)),
-        "round_seconds": {str(k): round(v, 3) for k, v in record["seconds"].items()},
-        "max_abs_err": float(max(np.abs(a - p).max() for a, p in zip(last, plain))),
-    }))
+    result = {}
+    if not args.skip_federation:
+        result["federation"] = bench_federation(args.sites, args.steps)
+    if not args.skip_paper:
+        result["paper_masking"] = bench_paper(args.sites)
+    print(json.dumps(result, indent=2))
     return 0
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Mapping
 
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -23,8 +25,8 @@ def _site(context: Context):
     return site, cfg
 
 
-def _reply(message: Message, content: RecordDict, allowed: dict) -> Message:
-    check_outgoing(content, allowed)  # raises before anything is sent
+def _reply(message: Message, content: RecordDict, allowed: dict, **check) -> Message:
+    check_outgoing(content, allowed, **check)  # raises before anything is sent
     return Message(content, reply_to=message)
 
 
@@ -46,11 +48,116 @@ def _refuse_labeled(site) -> None:
         raise RuntimeError(f"site {site.name} is labeled: it receives the model and does not pre-train")
 
 
+def _secure_round(message: Message, context: Context, cfg):
+    """The site's SecAgg+ state for this round (shares received, neighbours known), or None in a plain round.
+
+    A site configured with ``privacy.secagg=true`` refuses a plain round: it never sends an unmasked update.
+    """
+    from strategies.secagg import RECORD_KEY, SiteSecAgg
+
+    if RECORD_KEY not in message.content:
+        if cfg.privacy.secagg:
+            raise RuntimeError("privacy.secagg=true at this site but the server asked for a plain round: "
+                               "refusing to send an unmasked update")
+        return None
+    request = message.content[RECORD_KEY]
+    secure = SiteSecAgg(context.state, message.metadata.dst_node_id)
+    secure.receive(str(request["round"]), request)
+    return secure, str(request["round"]), int(request["weight"])
+
+
+class UpdateView(Mapping):
+    """``w - g`` of the floating arrays, computed one array at a time as the masking reads it (no model copy)."""
+
+    def __init__(self, weights: dict, global_weights: dict):
+        self.weights, self.names = weights, [k for k, g in global_weights.items() if g.is_floating_point()]
+        self.global_weights = global_weights
+
+    def __getitem__(self, name):
+        if name not in self.names:
+            raise KeyError(name)
+        return self.weights[name].float() - self.global_weights[name].float()
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def _masked(cfg, secure, update: dict, stats: bool = False):
+    """(masked ArrayRecord, metrics) of ``update`` for the secure round ``secure`` from ``_secure_round``."""
+    from strategies.secagg import WEIGHT_KEY, SecAggParams
+
+    site_secagg, round_id, weight = secure
+    record, clipped = site_secagg.mask(round_id, update, weight, SecAggParams.from_config(cfg, stats=stats))
+    total = sum(math.prod(a.shape) for name, a in record.items() if name != WEIGHT_KEY)
+    return record, {"secagg-clipped": clipped / max(total, 1)}
+
+
+def _train_reply(message: Message, cfg, phase: str, result, global_weights: dict, secure, start: float) -> Message:
+    """The trained arrays in the transfer dtype, or under SecAgg+ the masked update ``w - g`` of the floating arrays
+    (integer buffers such as BatchNorm's batch counter stay at the global value then)."""
+    from client.outbox import phase_arrays
+    from strategies.arrays import to_record, transfer_dtype
+    from strategies.secagg import WEIGHT_KEY
+
+    conf = message.content["config"]
+    metrics = {**result.metrics, "num-examples": result.num_examples, "step": result.step}
+    allowed = phase_arrays(cfg, phase)
+    if secure is None:
+        arrays = to_record(result.weights, transfer_dtype(str(conf["transfer-dtype"])))
+    else:
+        arrays, extra = _masked(cfg, secure, UpdateView(result.weights, global_weights))
+        metrics.update(extra)
+        allowed = {**allowed, WEIGHT_KEY: (1,)}
+    content = RecordDict({ARRAYS_KEY: arrays,
+                          METRICS_KEY: _metrics({**metrics, "site-seconds": time.time() - start})})
+    return _reply(message, content, allowed, masked=secure is not None)
+
+
+# ------------------------------------------------------------------ SecAgg+ stages 1, 2 and 4 (strategies/secagg.py)
+
+
+@app.query("secagg_keys")
+def secagg_keys(message: Message, context: Context) -> Message:
+    """Stage 1: fresh key pairs; the public halves and this site's FedAvg weight (its tile count) go out."""
+    from client import task
+    from strategies.secagg import RECORD_KEY, REPLY_FIELDS, SiteSecAgg
+
+    site, cfg = _site(context)
+    _refuse_labeled(site)
+    conf = message.content["config"]
+    weight = len(task.load_dataset(cfg, train=str(conf["phase"]) != "latent-stats"))
+    rec = SiteSecAgg(context.state, message.metadata.dst_node_id).keys(str(conf["secagg-round"]), weight)
+    return _reply(message, RecordDict({RECORD_KEY: rec}), {}, protocol=REPLY_FIELDS["keys"])
+
+
+def _protocol_stage(message: Message, context: Context, stage: str) -> Message:
+    from strategies.secagg import RECORD_KEY, REPLY_FIELDS, SiteSecAgg
+
+    secure = SiteSecAgg(context.state, message.metadata.dst_node_id)
+    step = {"shares": secure.shares, "unmask": secure.unmask}[stage]
+    rec = step(str(message.content["config"]["secagg-round"]), message.content[RECORD_KEY])
+    return _reply(message, RecordDict({RECORD_KEY: rec}), {}, protocol=REPLY_FIELDS[stage])
+
+
+@app.query("secagg_shares")
+def secagg_shares(message: Message, context: Context) -> Message:
+    """Stage 2: Shamir shares of this round's mask seed and mask key, encrypted for each other site."""
+    return _protocol_stage(message, context, "shares")
+
+
+@app.query("secagg_unmask")
+def secagg_unmask(message: Message, context: Context) -> Message:
+    """Stage 4: shares of the survivors' seeds and the dropouts' keys (never both for one site), once."""
+    return _protocol_stage(message, context, "unmask")
+
+
 @app.train("lae")
 def train_lae(message: Message, context: Context) -> Message:
     from client import privacy, task
-    from client.outbox import phase_arrays
-    from strategies.arrays import from_record, to_record, transfer_dtype
+    from strategies.arrays import from_record
 
     start = time.time()
     site, cfg = _site(context)
@@ -59,14 +166,10 @@ def train_lae(message: Message, context: Context) -> Message:
     weights = from_record(message.content[ARRAYS_KEY])
     # DP-SGD under local DP (a budget refusal raises: an error reply with a one-line reason), clipped update
     # under central DP, else task.lae_round
+    secure = _secure_round(message, context, cfg)  # SecAgg+: shares decrypted before any training
     result = privacy.lae_round(cfg, task.load_dataset(cfg), site, int(conf["local-steps"]), weights,
                                float(conf.get("proximal-mu", 0.0)))
-    content = RecordDict({
-        ARRAYS_KEY: to_record(result.weights, transfer_dtype(str(conf["transfer-dtype"]))),
-        METRICS_KEY: _metrics({**result.metrics, "num-examples": result.num_examples, "step": result.step,
-                               "site-seconds": time.time() - start}),
-    })
-    return _reply(message, content, phase_arrays(cfg, "lae"))
+    return _train_reply(message, cfg, "lae", result, weights, secure, start)
 
 
 @app.query("latent_stats")
@@ -80,19 +183,31 @@ def latent_stats(message: Message, context: Context) -> Message:
     digest = task.cache_global_autoencoder(site, weights)
     if digest != str(message.content["config"].get("lae-digest", digest)):
         raise RuntimeError("the global autoencoder arrived corrupted (digest mismatch)")
+    secure = _secure_round(message, context, cfg)
     dataset = task.load_dataset(cfg, train=False)
     stats, dp_metrics = privacy.latent_stats(cfg, dataset, task.build_global_autoencoder(cfg, weights), site)
-    content = RecordDict({METRICS_KEY: _metrics({
-        "latent-sum": float(stats.sum), "latent-sum-sq": float(stats.sum_sq), "latent-count": int(stats.count),
-        "num-examples": len(dataset), **dp_metrics})})
-    return _reply(message, content, {})
+    if secure is None:
+        content = RecordDict({METRICS_KEY: _metrics({
+            "latent-sum": float(stats.sum), "latent-sum-sq": float(stats.sum_sq), "latent-count": int(stats.count),
+            "num-examples": len(dataset), **dp_metrics})})
+        return _reply(message, content, {})
+    # SecAgg+: only the masked per-tile moments leave; the server unmasks their tile-weighted mean over sites
+    import torch
+
+    from strategies.secagg import STATS_SHAPES, WEIGHT_KEY
+
+    moments = {"latent.mean": torch.tensor([stats.mean], dtype=torch.float64),
+               "latent.meansq": torch.tensor([stats.sum_sq / stats.count], dtype=torch.float64)}
+    arrays, extra = _masked(cfg, secure, moments, stats=True)
+    content = RecordDict({ARRAYS_KEY: arrays, METRICS_KEY: _metrics({"num-examples": len(dataset), **dp_metrics,
+                                                                     **extra})})
+    return _reply(message, content, {**STATS_SHAPES, WEIGHT_KEY: (1,)}, masked=True)
 
 
 @app.train("dm")
 def train_dm(message: Message, context: Context) -> Message:
     from client import privacy, task
-    from client.outbox import phase_arrays
-    from strategies.arrays import from_record, to_record, transfer_dtype
+    from strategies.arrays import from_record
 
     start = time.time()
     site, cfg = _site(context)
@@ -107,14 +222,10 @@ def train_dm(message: Message, context: Context) -> Message:
         ae_weights = task.cached_global_autoencoder(site, digest)
     autoencoder = task.build_global_autoencoder(cfg, ae_weights)
     weights = from_record(message.content[ARRAYS_KEY])
+    secure = _secure_round(message, context, cfg)
     result = privacy.dm_round(cfg, task.load_dataset(cfg), site, int(conf["local-steps"]), weights, autoencoder,
                               float(conf["scale-factor"]), float(conf.get("proximal-mu", 0.0)))
-    content = RecordDict({
-        ARRAYS_KEY: to_record(result.weights, transfer_dtype(str(conf["transfer-dtype"]))),
-        METRICS_KEY: _metrics({**result.metrics, "num-examples": result.num_examples, "step": result.step,
-                               "site-seconds": time.time() - start}),
-    })
-    return _reply(message, content, phase_arrays(cfg, "dm"))
+    return _train_reply(message, cfg, "dm", result, weights, secure, start)
 
 
 @app.train("deliver")

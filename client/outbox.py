@@ -1,11 +1,12 @@
-"""What leaves a site: only the current phase's model arrays (names and shapes), latent statistics, scalar metrics.
+"""What leaves a site: only the current phase's model arrays (names and shapes), latent statistics, scalar metrics,
+and under secure aggregation the protocol's public keys, encrypted shares and masked (uint32) arrays.
 
 ``check_outgoing`` runs on every reply before the ClientApp returns it and raises instead of sending.
 """
 
 from __future__ import annotations
 
-from flwr.app import ArrayRecord, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 ARRAYS_KEY = "arrays"
 METRICS_KEY = "metrics"
@@ -34,8 +35,15 @@ def phase_arrays(cfg, phase: str) -> dict[str, tuple[int, ...]]:
     return {f"{prefix}.{k}": tuple(v.shape) for prefix, m in modules.items() for k, v in m.state_dict().items()}
 
 
-def check_outgoing(content: RecordDict, allowed: dict[str, tuple[int, ...]]) -> None:
-    """Raise ``OutboxViolation`` unless ``content`` holds only allowed arrays and scalar metrics."""
+def check_outgoing(content: RecordDict, allowed: dict[str, tuple[int, ...]], *, masked: bool = False,
+                   protocol: tuple[str, ...] = ()) -> None:
+    """Raise ``OutboxViolation`` unless ``content`` holds only allowed arrays and scalar metrics.
+
+    ``masked``: every array must be a SecAgg+ masked upload (uint32); ``protocol``: the fields a SecAgg+ stage
+    may send in its ``secagg`` record (public keys, ciphertexts, shares: bytes, integers, lists of them).
+    """
+    from strategies.secagg import RECORD_KEY
+
     for key, record in content.items():
         if key == ARRAYS_KEY and isinstance(record, ArrayRecord):
             for name, array in record.items():
@@ -44,6 +52,12 @@ def check_outgoing(content: RecordDict, allowed: dict[str, tuple[int, ...]]) -> 
                 shape = tuple(int(s) for s in array.shape)
                 if shape != tuple(allowed[name]):
                     raise OutboxViolation(f"array {name!r} has shape {shape}, the model has {tuple(allowed[name])}")
+                if masked and array.dtype != "uint32":
+                    raise OutboxViolation(f"array {name!r} is not masked ({array.dtype}) under secure aggregation")
+        elif key == RECORD_KEY and protocol and isinstance(record, ConfigRecord):
+            for name in record.keys():
+                if name not in protocol:
+                    raise OutboxViolation(f"secure-aggregation field {name!r} is not part of this stage; refusing to send")
         elif key == METRICS_KEY and isinstance(record, MetricRecord):
             for name, value in record.items():
                 if isinstance(value, list) or isinstance(value, bool) or not isinstance(value, (int, float)):

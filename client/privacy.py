@@ -109,12 +109,9 @@ def clip_result(cfg, result, global_weights):
 
 
 def client_mods(cfg) -> list:
-    """Flower mods for ClientApps on Flower's own strategy/workflow paths (not our streaming federation)."""
+    """Flower mods for ClientApps on Flower's own strategy paths (not our streaming federation, which clips in
+    ``clip_result`` and runs SecAgg+ itself: strategies/secagg.py)."""
     mods = []
-    if cfg.privacy.secagg:
-        from flwr.client.mod import secaggplus_mod
-
-        mods.append(secaggplus_mod)
     if central_dp(cfg):
         from flwr.clientapp.mod import fixedclipping_mod
 

@@ -165,9 +165,11 @@ class PrivacyConfig:
     noise_multiplier: Optional[float] = None  # null: derived from target_epsilon over planned_steps
     planned_steps: int = 0  # DP steps this site will take in the whole run (needed when noise_multiplier is null)
     latent_clip: float = 30.0  # DP latent statistics: latent values clipped to [-B, B]
-    secagg: bool = False  # SecAgg+ (legacy Flower workflow): the server sees only the sum of updates
-    secagg_clipping_range: float = 8.0  # SecAgg+ quantisation range for each array value
-    secagg_quantization_range: int = 4194304  # 2**22 levels
+    secagg: bool = False  # SecAgg+ (strategies/secagg.py): the server sees only the weighted sum of updates
+    secagg_clipping_range: float = 8.0  # each weighted update value (w - g) is clipped to [-c, c], then quantised
+    secagg_quantization_range: int = 4194304  # 2**22 levels over [-c, c]; sites x levels must stay below 2**32
+    secagg_threshold: float = 0.6  # Shamir threshold t = max(2, ceil(fraction x sites)): survivors needed to unmask
+    secagg_stats_range: float = 1000.0  # clipping range of the latent moments (mean, mean of squares) when masked
 
 
 @dataclass
@@ -225,6 +227,16 @@ def _validate(cfg: DictConfig) -> None:
             raise ConfigError("privacy.noise_multiplier is null: set privacy.planned_steps (DP steps of the whole run)")
         if privacy.noise_multiplier is None and privacy.mode == "central":
             raise ConfigError("privacy.mode=central needs privacy.noise_multiplier (the server's noise)")
+    if privacy is not None and privacy.secagg:
+        if privacy.secagg_clipping_range <= 0 or privacy.secagg_stats_range <= 0:
+            raise ConfigError("privacy.secagg_clipping_range and privacy.secagg_stats_range must be positive")
+        if not 2 <= privacy.secagg_quantization_range < 2**31:
+            raise ConfigError("privacy.secagg_quantization_range must be in [2, 2**31)")
+        if not 0 < privacy.secagg_threshold <= 1:
+            raise ConfigError("privacy.secagg_threshold is a fraction of the sites in (0, 1]")
+        if privacy.dp and privacy.mode == "central" and privacy.secagg_clipping_range < privacy.max_grad_norm:
+            raise ConfigError("privacy.secagg_clipping_range must be >= privacy.max_grad_norm in central mode: "
+                              "a clipped update's values must not be clipped again by the quantisation")
     factor = 2 ** (len(cfg.lae.block_out_channels) - 1)
     if cfg.tiles.image_size % factor:
         raise ConfigError(f"tiles.image_size {cfg.tiles.image_size} is not divisible by the LAE factor {factor}")

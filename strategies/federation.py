@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from pathlib import Path
 from typing import Callable
@@ -18,6 +19,7 @@ from strategies.aggregate import MetricMean, ReplyMismatch, StreamingMean
 from strategies.arrays import to_record, transfer_dtype, weights_digest
 from strategies.privacy import CentralDP, PrivacyLedger, without_privacy_metrics
 from strategies.rounds import RoundTrip
+from strategies.secagg import RECORD_KEY, STATS_SHAPES, SecAggError, SecAggParams, SecureSum
 from strategies.schedule import Plan, ServerState, advance, load_state, save_state, start_state
 from strategies.server_opt import ServerEMA, build_server_optimizer
 from strategies.settings import Settings
@@ -212,19 +214,27 @@ class Federation:
         if self.central:
             self.central.check_budget(len(nodes))  # raises CentralBudgetExhausted: the run stops, checkpoint intact
         current = self._phase_weights(phase)
+        dropped: dict = {}
+        secure = None
+        if self.cfg.privacy.secagg:  # stages 1-2: keys and encrypted shares; the sites that finish them train
+            floating = {k: tuple(v.shape) for k, v in current.items() if v.is_floating_point()}
+            secure = self._secagg_open(phase, nodes, floating, dropped)
         record = to_record(current, transfer_dtype(self.s.transfer_dtype))
         config = self._config(phase)
         ae_record = to_record(self._part("autoencoder.")) if phase == "dm" else None
         messages, sent = [], {}
-        for node in nodes:
+        for node in (secure.sharers if secure else nodes):
             content = RecordDict({"arrays": record, "config": config})
             if ae_record is not None and node not in self.state.has_lae:
                 content["autoencoder"] = ae_record  # the frozen encoder, once per site
+            if secure:
+                content[RECORD_KEY] = secure.forward(node, equal_weights=self.central is not None)
             sent[node] = sum(r.count_bytes() for r in content.array_records.values())
             messages.append(self._message(content, node, f"train.{phase}"))
         del record, ae_record
-        acc = StreamingMean({k: tuple(v.shape) for k, v in current.items()})
-        metrics, answered, dropped, received = MetricMean(), [], {}, {}
+        acc = None if secure else StreamingMean({k: tuple(v.shape) for k, v in current.items()})
+        metrics, answered, received = MetricMean(), [], {}
+        clipped: dict[int, float] = {}
         trip = RoundTrip(self.grid, messages, self.s.round_timeout, self.s.poll)
         del messages
         for node, reply in trip:
@@ -233,9 +243,13 @@ class Federation:
                     raise RuntimeError(_reason(reply))
                 arrays, m = reply.content["arrays"], reply.content["metrics"]
                 n = float(m["num-examples"])
-                acc.add(arrays, 1.0 if self.central else n)  # central DP: equal weights bound the sensitivity
+                if secure:
+                    secure.add_masked(node, arrays)  # only the masked upload; its weight is inside it
+                    clipped[node] = float(m.get("secagg-clipped", 0.0))
+                else:
+                    acc.add(arrays, 1.0 if self.central else n)  # central DP: equal weights bound the sensitivity
                 metrics.add({k: v for k, v in without_privacy_metrics(m).items()
-                             if k not in ("num-examples", "step")}, n)
+                             if k not in ("num-examples", "step", "secagg-clipped")}, n)
                 self.privacy.record(node, phase, self.state.global_round + 1, m, len(arrays), arrays.count_bytes())
                 received[node] = arrays.count_bytes()
                 answered.append(node)
@@ -248,17 +262,101 @@ class Federation:
                     self.state.has_lae.remove(node)  # resend the encoder next time
         for node in trip.missing:
             dropped[node] = "missed the round deadline"
-        self._log_dropped(phase, dropped)
-        if len(answered) < self.s.min_sites:
-            raise RoundFailed(f"{len(answered)} of {len(nodes)} sites answered, min-sites={self.s.min_sites}")
-        mean = acc.mean()
-        del acc
+        if secure:  # stage 4: the survivors' shares remove the masks; only the weighted mean appears
+            delta, weights = self._secagg_close(phase, secure, answered, dropped)
+            mean = {k: (v + delta[k] if k in delta else v.clone()) for k, v in current.items()}
+        else:
+            self._log_dropped(phase, dropped)
+            if len(answered) < self.s.min_sites:
+                raise RoundFailed(f"{len(answered)} of {len(nodes)} sites answered, min-sites={self.s.min_sites}")
+            mean, weights = acc.mean(), [1.0] * len(answered)
+            del acc
         if self.central:
-            mean = self.central.privatize(mean, [1.0] * len(answered))
+            # SecAgg+ rounds each clipped update value stochastically (< 1 step): its L2 norm may pass C by
+            # step * sqrt(values); the noise is scaled to cover that
+            slack = secure.params.step * sum(v.numel() for v in delta.values()) ** 0.5 if secure else 0.0
+            mean = self.central.privatize(mean, weights, sensitivity_slack=slack)
         new = self.opt.step(current, mean)
         self.weights.update(new)
         self.ema.update(new)
-        return self._line(phase, start, nodes, answered, dropped, sent, received, metrics.mean())
+        line = self._line(phase, start, nodes, answered, dropped, sent, received, metrics.mean())
+        if secure:
+            line["secagg"] = self._secagg_summary(secure, clipped)
+        return line
+
+    # ------------------------------------------------------------------ SecAgg+ (strategies/secagg.py)
+
+    def _exchange(self, nodes: list[int], kind: str, content: Callable[[int], RecordDict]):
+        """One protocol stage: ``{node: protocol record}`` of the replies, ``{node: reason}`` of the silent/failed."""
+        messages = [self._message(content(n), n, kind) for n in nodes]
+        replies, lost = {}, {}
+        # the sites answer these in milliseconds (no training): poll faster than a training round does
+        trip = RoundTrip(self.grid, messages, self.s.round_timeout, min(self.s.poll, 0.05))
+        for node, reply in trip:
+            if reply.has_error() or RECORD_KEY not in reply.content:
+                lost[node] = _reason(reply)
+            else:
+                replies[node] = reply.content[RECORD_KEY]
+        for node in trip.missing:
+            lost[node] = "missed the round deadline"
+        return replies, lost
+
+    def _secagg_open(self, phase: str, nodes: list[int], shapes: dict, dropped: dict) -> SecureSum:
+        """Stages 1 and 2 of a secure round: public keys, then encrypted Shamir shares routed between the sites."""
+        t0 = time.time()
+        round_id = f"{phase}-{self.state.global_round + 1}-{secrets.token_hex(6)}"
+        secure = SecureSum(SecAggParams.from_config(self.cfg, stats=phase == "latent-stats"), round_id, shapes)
+        config = ConfigRecord({"phase": phase, "server-round": self.state.global_round + 1, "secagg-round": round_id})
+        replies, lost = self._exchange(nodes, "query.secagg_keys", lambda n: RecordDict({"config": config}))
+        _take(replies, secure.add_keys, lost, dropped, "keys")
+        self._secagg_enough(phase, len(secure.keys), len(nodes), 2, "sent public keys")
+        try:
+            request = secure.share_request()
+        except SecAggError as exc:  # too many sites for the quantisation levels: fails every retry, then stops
+            raise RoundFailed(str(exc)) from None
+        replies, lost = self._exchange(sorted(secure.keys), "query.secagg_shares",
+                                       lambda n: RecordDict({"config": config, RECORD_KEY: request}))
+        _take(replies, secure.add_shares, lost, dropped, "shares")
+        self._secagg_enough(phase, len(secure.sharers), len(nodes), secure.threshold, "shared their secrets")
+        secure.seconds["keys+shares"] = round(time.time() - t0, 3)
+        return secure
+
+    def _secagg_close(self, phase: str, secure: SecureSum, answered: list[int], dropped: dict):
+        """Stage 4: unmask the sum with the survivors' shares; (weighted mean of the updates, weights used)."""
+        self._log_dropped(phase, dropped)
+        self._secagg_enough(phase, len(answered), len(secure.sharers), secure.threshold, "sent a masked update")
+        t0 = time.time()
+        request = secure.unmask_request()
+        config = ConfigRecord({"phase": phase, "secagg-round": secure.round_id})
+        replies, lost = self._exchange(secure.masked, "query.secagg_unmask",
+                                       lambda n: RecordDict({"config": config, RECORD_KEY: request}))
+        for node, reason in lost.items():
+            self.emit(f"{phase} round {self.state.phase_round + 1}: site {node} sent no shares to unmask: {reason}")
+        try:
+            mean, _ = secure.unmask(replies)
+        except (SecAggError, KeyError, ValueError) as exc:
+            raise RoundFailed(f"secure aggregation could not unmask the sum: {exc}") from None
+        secure.seconds["unmask"] = round(time.time() - t0, 3)
+        weights = [float(secure.weights[n]) for n in secure.masked]
+        if self.central:
+            weights = [1.0] * len(secure.masked)
+        log.info("secure aggregation: sum of %d masked updates unmasked (%d dropout(s) unmasked, threshold %d, "
+                 "quantisation error <= %.3g)", len(secure.masked), len(secure.unmasked_dropouts), secure.threshold,
+                 secure.bound)
+        return mean, weights
+
+    def _secagg_enough(self, phase: str, have: int, asked: int, threshold: int, what: str) -> None:
+        need = max(self.s.min_sites, threshold, 2)  # a "sum" of one site is that site's update
+        if have < need:
+            raise RoundFailed(f"secure aggregation: {have} of {asked} sites {what}, {need} needed "
+                              f"(min-sites={self.s.min_sites}, threshold={threshold})")
+
+    @staticmethod
+    def _secagg_summary(secure: SecureSum, clipped: dict[int, float]) -> dict:
+        return {"round_id": secure.round_id, "threshold": secure.threshold, "sites_keyed": len(secure.keys),
+                "sites_shared": len(secure.sharers), "sites_masked": len(secure.masked),
+                "dropouts_unmasked": secure.unmasked_dropouts, "quantisation_bound": secure.bound,
+                "clipped_fraction_max": max(clipped.values(), default=0.0), "seconds": secure.seconds}
 
     def _part(self, prefix: str) -> dict[str, torch.Tensor]:
         return {k: v for k, v in self.weights.items() if k.startswith(prefix)}
@@ -275,35 +373,56 @@ class Federation:
         nodes = self._schedulable(self._sites("unlabeled", self.s.min_sites))
         ae = self._part("autoencoder.")
         self.state.lae_digest = weights_digest(ae)
+        dropped: dict = {}
+        secure = self._secagg_open("latent-stats", nodes, STATS_SHAPES, dropped) if self.cfg.privacy.secagg else None
         record = to_record(ae)  # fp32: every site must hold the identical frozen encoder
         config = self._config("latent-stats")
-        messages = [self._message(RecordDict({"autoencoder": record, "config": config}), n, "query.latent_stats")
-                    for n in nodes]
-        sent = {n: record.count_bytes() for n in nodes}
+        targets = secure.sharers if secure else nodes
+        messages = []
+        for n in targets:
+            content = RecordDict({"autoencoder": record, "config": config})
+            if secure:
+                content[RECORD_KEY] = secure.forward(n, equal_weights=False)  # weighted by tiles, no central noise
+            messages.append(self._message(content, n, "query.latent_stats"))
+        sent = {n: record.count_bytes() for n in targets}
         del record
-        parts, answered, dropped = [], [], {}
+        parts, answered = [], []
         trip = RoundTrip(self.grid, messages, self.s.round_timeout, self.s.poll)
         del messages
         for node, reply in trip:
-            if reply.has_error() or "metrics" not in reply.content:
-                dropped[node] = _reason(reply)
+            try:
+                if reply.has_error() or "metrics" not in reply.content:
+                    raise RuntimeError(_reason(reply))
+                m = reply.content["metrics"]
+                if secure:
+                    secure.add_masked(node, reply.content["arrays"])
+                else:
+                    parts.append(LatentStats(float(m["latent-sum"]), float(m["latent-sum-sq"]), int(m["latent-count"])))
+            except (RuntimeError, KeyError) as exc:
+                dropped[node] = str(exc)
                 self.privacy.record_refusal(node, "latent-stats", self.state.global_round + 1, dropped[node])
                 continue
-            m = reply.content["metrics"]
             self.privacy.record(node, "latent-stats", self.state.global_round + 1, m)
-            parts.append(LatentStats(float(m["latent-sum"]), float(m["latent-sum-sq"]), int(m["latent-count"])))
             answered.append(node)
         for node in trip.missing:
             dropped[node] = "missed the round deadline"
-        self._log_dropped("latent-stats", dropped)
-        if len(answered) < self.s.min_sites:
-            raise RoundFailed(f"{len(answered)} of {len(nodes)} sites answered, min-sites={self.s.min_sites}")
+        if secure:  # only the tile-weighted mean of the sites' latent moments is unmasked
+            moments, _ = self._secagg_close("latent-stats", secure, answered, dropped)
+            tiles = sum(secure.weights[n] for n in secure.masked)
+            parts = [LatentStats(float(moments["latent.mean"][0]) * tiles, float(moments["latent.meansq"][0]) * tiles,
+                                 int(tiles))]
+        else:
+            self._log_dropped("latent-stats", dropped)
+            if len(answered) < self.s.min_sites:
+                raise RoundFailed(f"{len(answered)} of {len(nodes)} sites answered, min-sites={self.s.min_sites}")
         total = LatentStats.combine(parts)
         self.state.scale_factor = float(total.scale_factor)
         self.state.latent_stats = total.to_dict()
         self.state.has_lae = sorted(answered)
         line = self._line("latent-stats", start, nodes, answered, dropped, sent, {n: 0 for n in answered}, {})
         line.update(scale_factor=self.state.scale_factor, latent_mean=total.mean, latent_std=total.std)
+        if secure:
+            line["secagg"] = self._secagg_summary(secure, {})
         return line
 
     def _deliver_round(self) -> dict:
@@ -350,6 +469,16 @@ class Federation:
             "bytes_received_per_site": {str(k): int(v) for k, v in received.items()},
             "seconds": round(time.time() - start, 3), "time": time.time(),
         }
+
+
+def _take(replies: dict, add: Callable, lost: dict, dropped: dict, stage: str) -> None:
+    """Feed a protocol stage's replies to ``add``; malformed ones and the silent sites land in ``dropped``."""
+    for node, rec in replies.items():
+        try:
+            add(node, rec)
+        except (KeyError, TypeError, ValueError, SecAggError) as exc:
+            lost[node] = f"malformed {stage} ({exc})"
+    dropped.update({n: f"secure aggregation, {stage}: {r}" for n, r in lost.items()})
 
 
 def _reason(reply: Message) -> str:

@@ -7,15 +7,13 @@
   (Flower's ``RdpAccountant`` when its ``dp-accounting`` backend is installed, else the same RDP analysis
   from opacus behind Flower's ``PrivacyAccountant`` protocol). ``flower_dp_strategy`` wraps a Flower
   ``Strategy`` with ``DifferentialPrivacyClientSideFixedClipping`` for Strategy-API code paths.
-- SecAgg+: ``secaggplus_workflow`` builds Flower's legacy ``SecAggPlusWorkflow``; ``secagg_sum`` runs the
-  exact masking arithmetic of that protocol in-process (tests, benchmark).
+- SecAgg+ runs in the federation's own message loop: ``strategies/secagg.py``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 from pathlib import Path
@@ -227,12 +225,17 @@ class CentralDP:
             raise PrivacyBudgetExhausted(f"central DP: privacy budget exhausted: epsilon {spent.epsilon:.3f} of "
                                          f"{self.target_epsilon:g} at delta {spent.delta:g}; the next round would pass it")
 
-    def privatize(self, mean: dict[str, torch.Tensor], weights: list[float]) -> dict[str, torch.Tensor]:
-        """Noise on the aggregated model (floating arrays) and one composed release; ``weights``: those used."""
+    def privatize(self, mean: dict[str, torch.Tensor], weights: list[float],
+                  sensitivity_slack: float = 0.0) -> dict[str, torch.Tensor]:
+        """Noise on the aggregated model (floating arrays) and one composed release; ``weights``: those used.
+
+        ``sensitivity_slack``: how far past the clipping norm (L2) a site's contribution can reach after the
+        site's own processing, e.g. SecAgg+'s stochastic rounding (under one step per value); the noise covers it.
+        """
         from flwr.supercore.differential_privacy import add_gaussian_noise_inplace, compute_stdv
 
         share = max(weights) / sum(weights)
-        stdv = compute_stdv(self.noise_multiplier, self.clipping_norm, 1) * share
+        stdv = compute_stdv(self.noise_multiplier, self.clipping_norm + sensitivity_slack, 1) * share
         keys = [k for k, v in mean.items() if v.is_floating_point()]
         arrays = [mean[k].detach().cpu().numpy().astype(np.float32, copy=True) for k in keys]
         add_gaussian_noise_inplace(arrays, stdv)
@@ -268,136 +271,3 @@ def flower_dp_strategy(strategy, cfg, num_sampled_clients: int, population_size:
     accountant = build_rdp_accountant(p.delta, population_size, p.target_epsilon)
     return DifferentialPrivacyClientSideFixedClipping(strategy, float(p.noise_multiplier), float(p.max_grad_norm),
                                                       num_sampled_clients, accountant=accountant)
-
-
-# ---------------------------------------------------------------------------------------------- SecAgg+
-
-
-def secaggplus_workflow(cfg, num_sites: int):
-    """Flower's legacy ``SecAggPlusWorkflow`` (LegacyContext ServerApp only; sites add ``secaggplus_mod``)."""
-    from flwr.server.workflow import SecAggPlusWorkflow
-
-    p = cfg.privacy
-    return SecAggPlusWorkflow(num_shares=max(3, num_sites), reconstruction_threshold=max(2, (2 * num_sites) // 3),
-                              clipping_range=float(p.secagg_clipping_range),
-                              quantization_range=int(p.secagg_quantization_range))
-
-
-def secagg_sum(site_arrays: list[list[np.ndarray]], weights: list[float], *, clipping_range: float = 8.0,
-               quantization_range: int = 4194304, modulus_range: int = 4294967296, max_weight: float = 1000.0,
-               threshold: int | None = None, dropped: Iterable[int] = ()) -> list[np.ndarray]:
-    """The SecAgg+ arithmetic of Flower's ``secaggplus_mod`` (stage 2) and ``SecAggPlusWorkflow`` (unmask).
-
-    Every site scales by its weight, quantises, adds a private mask (seed shared with Shamir) and pairwise
-    masks (ECDH keys) and reduces mod ``modulus_range``; the server sums what it received, removes the
-    survivors' private masks and the dropped sites' pairwise masks from reconstructed secrets, dequantises
-    and divides by the total weight: the weighted mean, seen only as a sum. Complete graph (all neighbours).
-    """
-    from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_shares
-    from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
-    from flwr.common.secure_aggregation.ndarrays_arithmetic import (
-        factor_combine, factor_extract, get_parameters_shape, parameters_addition, parameters_mod,
-        parameters_multiply, parameters_subtraction)
-    from flwr.common.secure_aggregation.quantization import dequantize, quantize
-    from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
-    from flwr.supercore.primitives.asymmetric import generate_key_pairs
-
-    n = len(site_arrays)
-    nids = list(range(1, n + 1))
-    threshold = threshold or max(2, (2 * n) // 3)
-    dropped = set(dropped)
-    keys = {nid: generate_key_pairs() for nid in nids}  # (sk1, pk1) per site
-    seeds = {nid: os.urandom(32) for nid in nids}
-    seed_shares = {nid: create_shares(seeds[nid], threshold, n) for nid in nids}
-    sk_shares = {}
-    from flwr.supercore.primitives.asymmetric import private_key_to_bytes, bytes_to_private_key
-
-    for nid in nids:
-        sk_shares[nid] = create_shares(private_key_to_bytes(keys[nid][0]), threshold, n)
-
-    masked: dict[int, list[np.ndarray]] = {}
-    for nid, arrays, weight in zip(nids, site_arrays, weights):
-        q_ratio = round(weight / max_weight * quantization_range)
-        params = parameters_multiply([np.asarray(a, dtype=np.float64) for a in arrays], q_ratio / quantization_range)
-        vec = factor_combine(q_ratio, quantize(params, clipping_range, quantization_range))
-        dims = [a.shape for a in vec]
-        vec = parameters_addition(vec, pseudo_rand_gen(seeds[nid], modulus_range, dims))
-        for other in nids:
-            if other == nid:
-                continue
-            mask = pseudo_rand_gen(generate_shared_key(keys[nid][0], keys[other][1]), modulus_range, dims)
-            vec = parameters_addition(vec, mask) if nid > other else parameters_subtraction(vec, mask)
-        masked[nid] = parameters_mod(vec, modulus_range)
-
-    active = [nid for nid in nids if nid not in dropped]
-    total = masked[active[0]]
-    for nid in active[1:]:
-        total = parameters_mod(parameters_addition(total, masked[nid]), modulus_range)
-    shapes = get_parameters_shape(total)
-    for nid in nids:  # shares come from the first `threshold` survivors
-        holders = active[:threshold]
-        if nid in active:
-            secret = combine_shares([seed_shares[nid][h - 1] for h in holders])
-            total = parameters_subtraction(total, pseudo_rand_gen(secret, modulus_range, shapes))
-        else:
-            sk = bytes_to_private_key(combine_shares([sk_shares[nid][h - 1] for h in holders]))
-            for other in active:
-                mask = pseudo_rand_gen(generate_shared_key(sk, keys[other][1]), modulus_range, shapes)
-                total = parameters_addition(total, mask) if nid > other else parameters_subtraction(total, mask)
-    q_total, recon = factor_extract(parameters_mod(total, modulus_range))
-    out = dequantize(recon, clipping_range, quantization_range)
-    offset = -(len(active) - 1) * clipping_range
-    return [(v + offset) * (quantization_range / q_total) for v in out]
-
-
-def legacy_secagg_apps(site_update, initial: list[np.ndarray], num_sites: int, record: dict, *, secagg: bool = True,
-                       rounds: int = 1, clipping_range: float = 8.0, quantization_range: int = 4194304):
-    """A legacy-API ServerApp/ClientApp pair running Flower's real ``SecAggPlusWorkflow`` + ``secaggplus_mod``.
-
-    ``site_update(partition_id) -> (arrays, num_examples)`` is what each site would send. The aggregate of
-    every round and the seconds from configure to aggregate land in ``record``. This is how SecAgg+ runs in
-    Flower 1.42 (LegacyContext + DefaultWorkflow); our Message-API federation does not run on it.
-    """
-    from flwr.client import ClientApp, NumPyClient
-    from flwr.client.mod import secaggplus_mod
-    from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
-    from flwr.server import LegacyContext, ServerApp, ServerConfig
-    from flwr.server.strategy import FedAvg
-    from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
-
-    class Site(NumPyClient):
-        def __init__(self, pid: int):
-            self.pid = pid
-
-        def fit(self, parameters, config):
-            arrays, n = site_update(self.pid)
-            return arrays, int(n), {}
-
-    def client_fn(context):
-        return Site(int(context.node_config["partition-id"])).to_client()
-
-    class Recording(FedAvg):
-        def configure_fit(self, server_round, parameters, client_manager):
-            record.setdefault("start", {})[server_round] = time.perf_counter()
-            return super().configure_fit(server_round, parameters, client_manager)
-
-        def aggregate_fit(self, server_round, results, failures):
-            params, metrics = super().aggregate_fit(server_round, results, failures)
-            record.setdefault("seconds", {})[server_round] = time.perf_counter() - record["start"][server_round]
-            record.setdefault("aggregate", {})[server_round] = parameters_to_ndarrays(params) if params else None
-            record.setdefault("failures", {})[server_round] = len(failures)
-            return params, metrics
-
-    server = ServerApp()
-
-    @server.main()
-    def main(grid, context):
-        strategy = Recording(fraction_fit=1.0, min_fit_clients=num_sites, min_available_clients=num_sites,
-                             fraction_evaluate=0.0, initial_parameters=ndarrays_to_parameters(initial))
-        ctx = LegacyContext(context=context, config=ServerConfig(num_rounds=rounds), strategy=strategy)
-        fit = (SecAggPlusWorkflow(num_shares=num_sites, reconstruction_threshold=max(2, (2 * num_sites) // 3),
-                                  clipping_range=clipping_range, quantization_range=quantization_range)
-               if secagg else None)
-        DefaultWorkflow(fit_workflow=fit)(grid, ctx)
-
-    return server, ClientApp(client_fn=client_fn, mods=[secaggplus_mod] if secagg else [])

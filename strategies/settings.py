@@ -58,9 +58,8 @@ class Settings:
         if dp and mode == "central" and self.transfer_dtype != "fp32":
             raise ValueError(f"privacy.mode=central needs transfer-dtype fp32 (got {self.transfer_dtype}): "
                              "a rounded update is no longer within the clipping norm")
-        if _bool(_override_values(self.overrides).get("privacy.secagg", "false")):
-            raise ValueError("privacy.secagg=true is not available in this federation (SecAgg+ runs only in "
-                             "Flower's legacy workflow; see README, Privacy); refusing to run without it silently")
+        if _bool(_override_values(self.overrides).get("privacy.secagg", "false")) and self.min_sites < 2:
+            raise ValueError("privacy.secagg=true needs min-sites >= 2: a secure sum of one site is that site's update")
         if dp and mode == "local" and self.strategy == "fedprox":
             raise ValueError("local DP-SGD (privacy.dp=true, mode=local) does not combine with strategy fedprox")
 

@@ -11,7 +11,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from client.client_app import app
 from client.task import site_from_context
 from histodiff.config import compose
-from histodiff.privacy import ACCOUNTANT_FILE, SiteAccountant
+from histodiff.privacy import SiteAccountant
 from strategies.arrays import from_record
 from strategies.checkpoint import read_metrics
 from strategies.federation import Federation
@@ -68,8 +68,6 @@ def test_settings_plan_steps_and_guard_central_dtype():
     assert compose(["profile=tiny", *rc["overrides"].split()]).privacy.planned_steps == 9
     with pytest.raises(ValueError, match="transfer-dtype fp32"):
         Settings(overrides="privacy.dp=true privacy.mode=central", transfer_dtype="bf16").validate()
-    with pytest.raises(ValueError, match="secagg"):
-        Settings(overrides="privacy.secagg=true").validate()
     with pytest.raises(ValueError, match="fedprox"):
         Settings(overrides="privacy.dp=true", strategy="fedprox", proximal_mu=0.1).validate()
 

@@ -124,30 +124,6 @@ def test_central_dp_noise_accounting_and_client_clipping(tmp_path):
             again.accountant.compose(again._event(3))
 
 
-def test_secaggplus_sum_equals_plain_weighted_mean():
-    """Flower's SecAgg+ arithmetic (quantise, private + pairwise masks, Shamir, unmask) on a tiny model's arrays.
-
-    The legacy SecAggPlusWorkflow needs a LegacyContext ServerApp and a running Grid; its masking and
-    quantisation are Flower's own functions, which ``secagg_sum`` calls in the protocol's order.
-    """
-    from strategies.privacy import secagg_sum
-
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.GroupNorm(2, 4), torch.nn.Linear(5, 2))
-    base = [p.detach().numpy() for p in model.parameters()]
-    sites = [[b + np.random.default_rng(i).normal(0, 0.05, b.shape) for b in base] for i in range(4)]
-    weights = [36.0, 20.0, 50.0, 8.0]
-    clip, q, max_w = 8.0, 2**22, 1000.0
-    # quantisation error: one step of 2*clip/q per site, in units of each site's weight share
-    tol = len(sites) * (2 * clip / q) / (sum(weights) / max_w) + 1e-6
-    for dropped in ((), (1,)):
-        keep = [i for i in range(4) if i + 1 not in dropped]
-        plain = [sum(weights[i] * sites[i][k] for i in keep) / sum(weights[i] for i in keep) for k in range(len(base))]
-        agg = secagg_sum(sites, weights, clipping_range=clip, quantization_range=q, max_weight=max_w, dropped=dropped)
-        assert max(float(np.abs(a - p).max()) for a, p in zip(agg, plain)) < tol
-        # no single masked upload resembles its site's arrays: the server learns only the sum
-
-
 def test_privacy_report_from_run_dir(tmp_path):
     from histodiff.config import compose
     from histodiff.privacy.report import write_privacy_report

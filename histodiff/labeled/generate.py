@@ -7,7 +7,6 @@ import math
 import time
 from pathlib import Path
 
-import torch
 from PIL import Image
 
 from histodiff.data import to_uint8_image

@@ -47,6 +47,16 @@ def _egress(lines: list[dict], arrays_per_phase: dict[str, int]) -> dict[str, di
     return out
 
 
+def _secure_rounds(lines: list[dict]) -> dict[str, Any] | None:
+    """SecAgg+ per run: rounds aggregated securely, dropouts whose masks were rebuilt, largest quantisation bound."""
+    rounds = [line["secagg"] for line in lines if line.get("secagg")]
+    if not rounds:
+        return None
+    return {"rounds": len(rounds), "dropouts_unmasked": sum(len(r.get("dropouts_unmasked", [])) for r in rounds),
+            "max_quantisation_bound": max((r.get("quantisation_bound") or 0.0) for r in rounds),
+            "max_clipped_fraction": max((r.get("clipped_fraction_max") or 0.0) for r in rounds)}
+
+
 def _arrays_per_phase(cfg) -> dict[str, int]:
     if cfg is None:
         return {}
@@ -122,6 +132,7 @@ def build_privacy_report(run_dir: str | Path, cfg=None, site_accountants: dict[s
         "mechanism": mechanism,
         "config": ({k: privacy[k] for k in privacy} if privacy is not None else None),
         "secure_aggregation": bool(privacy.secagg) if privacy is not None else False,
+        "secure_rounds": _secure_rounds(lines),
         "sites": sites,
         "server_ledger": ledger.get("sites", {}),
         "central": ledger.get("central") or None,
@@ -137,6 +148,12 @@ def privacy_markdown(report: dict[str, Any]) -> str:
     """The "Privacy" section of the run report."""
     out = ["## Privacy", "", f"Mechanism: {report['mechanism']}.",
            f"Secure aggregation (SecAgg+): {'on' if report.get('secure_aggregation') else 'off'}.", ""]
+    sec = report.get("secure_rounds")
+    if sec:
+        out += [f"SecAgg+: {sec['rounds']} rounds aggregated securely (the server received only masked uint32 uploads "
+                f"and unmasked only their sum); {sec['dropouts_unmasked']} dropout(s) unmasked from shares; quantisation "
+                f"error at most {sec['max_quantisation_bound']:.3g} per value; largest fraction of values clipped by "
+                f"the quantisation range: {sec['max_clipped_fraction']:.3g}.", ""]
     cfgp = report.get("config") or {}
     if cfgp:
         out += [f"Clipping: max_grad_norm = {cfgp.get('max_grad_norm')}; noise multiplier = "

@@ -1,7 +1,6 @@
 """Real Flower processes on loopback: a SuperLink and 3 SuperNodes with TLS and node authentication."""
 
 import json
-import subprocess
 import sys
 
 import pytest
@@ -10,7 +9,7 @@ from server import flwr_cli
 from server.certs import create
 from strategies.checkpoint import read_metrics
 from strategies.schedule import load_state
-from tests.e2e.loopback import Processes, make_sites, run_config, wait_for
+from tests.e2e.loopback import OVERRIDES, Processes, make_sites, run_config, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -29,11 +28,14 @@ def _server_cmd(run_dir, port, certs, **extra):
 
 @pytest.mark.timeout(600)
 def test_tls_auth_federation_three_sites(tmp_path, procs):
+    """The deployment path end to end, with SecAgg+ on: its secrets live in each SuperNode's run context
+    between the protocol's messages (the simulation e2e test covers plain aggregation)."""
     certs = create(tmp_path / "certs", 3)
     sites = make_sites(tmp_path / "data", 3)
     port = flwr_cli.free_port()
     run_dir = tmp_path / "run"
-    server = procs.start("server", _server_cmd(run_dir, port, certs))
+    server = procs.start("server", _server_cmd(run_dir, port, certs,
+                                               overrides=f'"{OVERRIDES} privacy.secagg=true"'))
     wait_for(lambda: (run_dir / "flwr-run.log").exists() or (run_dir / "logs" / "flwr-run.log").exists()
              or server.poll() is not None, 120, "the run to be submitted")
     for i, data in enumerate(sites):
@@ -44,6 +46,7 @@ def test_tls_auth_federation_three_sites(tmp_path, procs):
     metrics = read_metrics(run_dir)
     assert [m["phase"] for m in metrics] == ["lae", "latent-stats", "dm"]
     assert all(m["sites_answered"] == 3 for m in metrics)
+    assert all(m["secagg"]["sites_masked"] == 3 and not m["secagg"]["dropouts_unmasked"] for m in metrics)
     assert len({m.get("scale_factor") for m in metrics if "scale_factor" in m}) == 1
     info = json.loads((run_dir / "global_model" / "model_info.json").read_text())
     assert info["scale_factor"] == pytest.approx(state.scale_factor)
