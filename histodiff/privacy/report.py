@@ -120,7 +120,10 @@ def build_privacy_report(run_dir: str | Path, cfg=None, site_accountants: dict[s
     for name, res in (site_results or {}).items():  # LocalResult metrics of a single-site run
         sites.setdefault(name, {}).update({k[3:].replace("-", "_"): v for k, v in res.items() if k.startswith("dp-")})
 
-    if privacy is None or not privacy.dp:
+    if privacy is not None and privacy.secagg and not privacy.dp:
+        mechanism = ("no differential privacy; SecAgg+ masks every update and statistic that leaves a site, and "
+                     "the server sees their weighted sum exactly")
+    elif privacy is None or not privacy.dp:
         mechanism = "none (no differential privacy; weights and statistics leave the sites as trained)"
     elif privacy.mode == "local":
         mechanism = ("local DP-SGD at each site (opacus hooks mode: per-sample clipping, Gaussian noise, Poisson "
@@ -155,7 +158,7 @@ def privacy_markdown(report: dict[str, Any]) -> str:
                 f"error at most {sec['max_quantisation_bound']:.3g} per value; largest fraction of values clipped by "
                 f"the quantisation range: {sec['max_clipped_fraction']:.3g}.", ""]
     cfgp = report.get("config") or {}
-    if cfgp:
+    if cfgp.get("dp"):
         out += [f"Clipping: max_grad_norm = {cfgp.get('max_grad_norm')}; noise multiplier = "
                 f"{cfgp.get('noise_multiplier') if cfgp.get('noise_multiplier') is not None else 'from target epsilon'}"
                 f"; target epsilon = {cfgp.get('target_epsilon')} at delta = {cfgp.get('delta')}.", ""]
@@ -171,7 +174,9 @@ def privacy_markdown(report: dict[str, Any]) -> str:
                        f"{(s.get('bytes_sent') or 0) / 1e6:.2f} |" if eps is not None else f"| {name} | - |||||||")
         out.append("")
     if report["server_ledger"]:
-        out += ["Epsilon per round as reported to the server:", ""]
+        with_eps = any("epsilon" in r for site in report["server_ledger"].values() for r in site.get("rounds", []))
+        out += [("Epsilon per round as reported to the server:" if with_eps else
+                 "Rounds each site took part in (no differential privacy, no epsilon):"), ""]
         for node, s in sorted(report["server_ledger"].items()):
             trail = ", ".join(f"{r['phase']}{r['round']}: {r['epsilon']:.2f}" if "epsilon" in r else
                               f"{r['phase']}{r['round']}: refused" if "refused" in r else
