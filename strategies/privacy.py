@@ -3,9 +3,8 @@
 - ``PrivacyLedger``: records the ``dp-*`` metrics every site reports (local DP-SGD), notices budget refusals,
   filters exhausted sites out of the next rounds; persisted in the run directory, so it survives a resume.
 - ``CentralDP``: Flower's central DP with client-side fixed clipping, written for our streaming federation
-  with Flower's own primitives (``compute_stdv``, ``add_gaussian_noise_inplace``) and an RDP accountant
-  (Flower's ``RdpAccountant`` when its ``dp-accounting`` backend is installed, else the same RDP analysis
-  from opacus behind Flower's ``PrivacyAccountant`` protocol). ``flower_dp_strategy`` wraps a Flower
+  with Flower's own primitives (``compute_stdv``, ``add_gaussian_noise_inplace``) and Flower's ``RdpAccountant``
+  (``flwr[dp]``), persisted in the run directory. ``flower_dp_strategy`` wraps a Flower
   ``Strategy`` with ``DifferentialPrivacyClientSideFixedClipping`` for Strategy-API code paths.
 - SecAgg+ runs in the federation's own message loop: ``strategies/secagg.py``.
 """
@@ -104,80 +103,14 @@ class PrivacyLedger:
 # ---------------------------------------------------------------------------------------------- central DP
 
 
-class OpacusRdpAccountant:
-    """Flower's ``PrivacyAccountant`` protocol on opacus' RDP analysis (no amplification: sample rate 1).
-
-    Used when Flower's ``RdpAccountant`` cannot load its backend (``flwr[dp]`` / dp-accounting, which pins
-    an older ``attrs`` than this project's environment holds). Same analysis: Gaussian mechanism, RDP orders,
-    conversion to (epsilon, delta).
-    """
-
-    def __init__(self, config):
-        self._config = config
-        self._releases: list[list[float]] = []  # [noise multiplier, count]
-
-    @property
-    def config(self):
-        return self._config
-
-    @property
-    def num_releases(self) -> int:
-        return int(sum(c for _, c in self._releases))
-
-    def _epsilon(self, releases, delta: float) -> tuple[float, float | None]:
-        from opacus.accountants import RDPAccountant
-
-        if not releases:
-            return 0.0, None
-        acc = RDPAccountant()
-        acc.history = [(float(s), 1.0, int(c)) for s, c in releases]
-        eps, order = acc.get_privacy_spent(delta=delta)
-        return float(eps), float(order)
-
-    def compose(self, event, count: int = 1) -> None:
-        self._releases.append([float(event.noise_multiplier), int(count)])
-
-    def get_epsilon(self, delta: float) -> float:
-        return self._epsilon(self._releases, delta)[0]
-
-    def get_delta(self, epsilon: float) -> float:
-        raise NotImplementedError("delta for a given epsilon is not needed here")
-
-    def get_privacy_spent(self, delta: float | None = None):
-        from flwr.serverapp import PrivacySpent
-
-        delta = self._config.target_delta if delta is None else delta
-        eps, order = self._epsilon(self._releases, delta)
-        return PrivacySpent(eps, delta, self.num_releases, "rdp (opacus)", order)
-
-    def would_exceed(self, event, max_epsilon: float | None = None, count: int = 1) -> bool:
-        limit = self._config.max_epsilon if max_epsilon is None else max_epsilon
-        if limit is None:
-            return False
-        eps, _ = self._epsilon(self._releases + [[float(event.noise_multiplier), int(count)]], self._config.target_delta)
-        return eps > limit
-
-    def state_dict(self) -> dict[str, object]:
-        return {"releases": [list(r) for r in self._releases]}
-
-    def load_state_dict(self, state: dict[str, object]) -> None:
-        self._releases = [list(r) for r in state.get("releases", [])]  # type: ignore[union-attr]
-
-
 def build_rdp_accountant(delta: float, population_size: int, max_epsilon: float | None):
-    """Flower's RDP accountant (client-level, no amplification); opacus' RDP analysis if its backend is absent."""
-    from flwr.serverapp import NeighboringRelation, PrivacyConfig, SamplingMethod
+    """Flower's RDP accountant (client-level releases, no amplification by sampling)."""
+    from flwr.serverapp import NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod
 
     config = PrivacyConfig(target_delta=float(delta), population_size=int(population_size),
                            neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
                            sampling_method=SamplingMethod.NO_AMPLIFICATION, max_epsilon=max_epsilon)
-    try:
-        from flwr.serverapp import RdpAccountant
-
-        return RdpAccountant(config)
-    except ImportError as exc:  # flwr[dp] not installed
-        log.warning("Flower's RdpAccountant is unavailable (%s); using the opacus RDP analysis", exc)
-        return OpacusRdpAccountant(config)
+    return RdpAccountant(config)
 
 
 class CentralDP:

@@ -105,6 +105,12 @@ def test_central_dp_noise_accounting_and_client_clipping(tmp_path):
         eps.append(dp.summary()["epsilon"])
     assert float(out["a"].std()) == pytest.approx(2.0 * 0.5 / 3, rel=0.05)  # Flower's compute_stdv(2, 0.5, 3)
     assert eps[1] > eps[0] > 0
+    # Flower's RdpAccountant agrees with opacus' RDP analysis of the same Gaussian releases (no sampling)
+    from opacus.accountants import RDPAccountant
+
+    reference = RDPAccountant()
+    reference.history = [(2.0, 1.0, 2)]
+    assert eps[1] == pytest.approx(reference.get_privacy_spent(delta=1e-5)[0], rel=1e-6)
     state = dp.state_dict()
     again = CentralDP(2.0, 0.5, 1e-5, 6.0, 3)
     again.load_state_dict(state)
