@@ -134,11 +134,14 @@ def secagg_keys(message: Message, context: Context) -> Message:
 
 
 def _protocol_stage(message: Message, context: Context, stage: str) -> Message:
-    from strategies.secagg import RECORD_KEY, REPLY_FIELDS, SiteSecAgg
+    from strategies.secagg import RECORD_KEY, REPLY_FIELDS, SecAggParams, SiteSecAgg
 
     secure = SiteSecAgg(context.state, message.metadata.dst_node_id)
-    step = {"shares": secure.shares, "unmask": secure.unmask}[stage]
-    rec = step(str(message.content["config"]["secagg-round"]), message.content[RECORD_KEY])
+    round_id, request = str(message.content["config"]["secagg-round"]), message.content[RECORD_KEY]
+    if stage == "shares":  # the site holds the server to its own threshold
+        rec = secure.shares(round_id, request, SecAggParams.from_config(_site(context)[1]))
+    else:
+        rec = secure.unmask(round_id, request)
     return _reply(message, RecordDict({RECORD_KEY: rec}), {}, protocol=REPLY_FIELDS[stage])
 
 

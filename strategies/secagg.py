@@ -36,8 +36,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 if TYPE_CHECKING:
     import torch
 
-# torch is imported where tensors are handled: the key, share and unmask stages at a site run in a fresh
-# ClientApp process per message under Flower's process isolation, and need only numpy and cryptography
+# torch is imported where tensors are handled: under Flower's process isolation every message starts a fresh
+# ClientApp process, and the unmask stage needs only numpy and cryptography
 
 WEIGHT_KEY = "secagg.weight"  # one masked element: the site's integer weight k_i (its share of K)
 WEIGHT_LEVELS = 1 << 16  # K: a site's weight travels as round(n_i / max_weight * K)
@@ -160,8 +160,12 @@ class SiteSecAgg:
                                               "pk2": public_key_to_bytes(pk2)})
         return ConfigRecord({"pk1": public_key_to_bytes(pk1), "pk2": public_key_to_bytes(pk2), "weight": float(weight)})
 
-    def shares(self, round_id: str, request: Mapping) -> ConfigRecord:
-        """Stage 2: Shamir shares of the mask seed and of the mask key, encrypted for each other site."""
+    def shares(self, round_id: str, request: Mapping, params: SecAggParams | None = None) -> ConfigRecord:
+        """Stage 2: Shamir shares of the mask seed and of the mask key, encrypted for each other site.
+
+        ``params``: the site's own configuration; a threshold below its ``threshold(sites)`` is refused (fewer
+        colluding sites could rebuild this site's secrets than the site agreed to).
+        """
         from flwr.common.secure_aggregation.crypto.shamir import create_shares
         from flwr.common.secure_aggregation.crypto.symmetric_encryption import encrypt, generate_shared_key
         from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
@@ -176,6 +180,9 @@ class SiteSecAgg:
             raise SecAggError("the server's key list does not hold this site's own public keys")
         if not 2 <= threshold <= len(nodes):
             raise SecAggError(f"threshold {threshold} outside [2, {len(nodes)}]: refusing a round the server could unmask alone")
+        if params is not None and threshold < params.threshold(len(nodes)):
+            raise SecAggError(f"threshold {threshold} for {len(nodes)} sites is below this site's "
+                              f"{params.threshold(len(nodes))} (privacy.secagg_threshold): refusing to share")
         seed = os.urandom(32)
         seed_shares = create_shares(seed, threshold, len(nodes))
         sk_shares = create_shares(bytes(rec["sk2"]), threshold, len(nodes))

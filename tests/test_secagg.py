@@ -86,6 +86,8 @@ def test_sites_refuse_unsafe_requests():
     request = server.share_request()
     with pytest.raises(SecAggError, match="threshold 1"):  # a server that could unmask one site alone
         sites[1].shares("r1", {**dict(request), "threshold": 1})
+    with pytest.raises(SecAggError, match="below this site's 3"):  # fewer colluders than the site agreed to
+        sites[1].shares("r1", {**dict(request), "threshold": 2}, SecAggParams(threshold_fraction=1.0))
     with pytest.raises(SecAggError, match="own public keys"):  # keys swapped by the server
         sites[1].shares("r1", {**dict(request), "pk2": list(reversed(request["pk2"]))})
     with pytest.raises(SecAggError, match="no secure round r2"):
