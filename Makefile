@@ -47,7 +47,7 @@ test-gpu: setup
 	$(PY) -m pytest -m gpu -q $(PYTEST_ARGS)
 
 bench: setup
-	$(PY) -m benchmarks.train_step
+	$(PY) -m benchmarks.train_step --steps 20
 
 clean:
 	rm -rf runs .pytest_cache

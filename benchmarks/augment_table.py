@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import sys
 import time
 from pathlib import Path
 
-from histodiff.data.phantom import write_phantom_site
+from histodiff.data.phantom import CLASSES, write_phantom_site
 
 
 def main() -> None:
@@ -33,13 +35,16 @@ def main() -> None:
 
     out = Path(args.out)
     unlabeled, labeled, test = out / "data" / "unlabeled", out / "data" / "labeled", out / "data" / "test"
-    if not (out / "data" / ".done").exists():
+    sizes = f"{args.unlabeled_per_class} {args.labeled_per_class} {args.test_per_class}"  # tiles per class
+    done = out / "data" / ".done"
+    if not done.exists() or done.read_text() != sizes:  # other sizes: new data (a rerun reuses the same)
+        shutil.rmtree(out / "data", ignore_errors=True)
         # two unlabeled sites pooled for pre-training; the labeled site (0) has its own stain and was never seen
         for site in (1, 2):
             write_phantom_site(unlabeled, args.unlabeled_per_class, 64, site=site, seed=0, labeled=False)
         write_phantom_site(labeled, args.labeled_per_class, 64, site=0, seed=0)
         write_phantom_site(test, args.test_per_class, 64, site=0, seed=1)
-        (out / "data" / ".done").write_text("")
+        done.write_text(sizes)
     common = ["profile=tiny", f"run_dir={out / 'pretrain'}", f"data={unlabeled}", "train.progress=false",
               "train.log_every=50", *args.overrides]
     timings = {}
@@ -53,11 +58,8 @@ def main() -> None:
     start = time.perf_counter()
     results = run_augment(cfg, labeled, test, out / "pretrain" / "global", out / "augment")
     timings["pipeline_s"] = round(time.perf_counter() - start, 1)
-    summary = {"command": "python -m benchmarks.augment_table " + " ".join(
-        [f"--out {args.out}", f"--labeled-per-class {args.labeled_per_class}", f"--test-per-class {args.test_per_class}",
-         f"--unlabeled-per-class {args.unlabeled_per_class}", f"--lae-steps {args.lae_steps}",
-         f"--dm-steps {args.dm_steps}", *args.overrides]),
-        "sizes": {"unlabeled_pretrain": 2 * 9 * args.unlabeled_per_class, **results["tiles"],
+    summary = {"command": "python -m benchmarks.augment_table " + " ".join(sys.argv[1:]),
+        "sizes": {"unlabeled_pretrain": 2 * len(CLASSES) * args.unlabeled_per_class, **results["tiles"],
                   "candidates": results["selection"]["candidates"]},
         "seeds": {"pipeline": cfg.seed, "downstream": list(cfg.augment.seeds)}, "timings": timings,
         "latent_classifier_val_accuracy_by_t": results["latent_classifier"]["val_accuracy_by_t"],

@@ -33,11 +33,9 @@ def run(dtype: str) -> list[dict]:
     from flwr.supercore.task_identity import TaskIdentity
 
     from client.client_app import app
-    from histodiff.config import compose
     from strategies.checkpoint import read_metrics
     from strategies.federation import Federation
     from strategies.inprocess import InProcessGrid
-    from strategies.settings import Settings
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     d = tempfile.mkdtemp(prefix="fedbytes")
@@ -45,8 +43,7 @@ def run(dtype: str) -> list[dict]:
           "dm-rounds": 1, "local-steps": 1, "min-sites": 2, "deliver": False, "run-dir": f"{d}/run",
           "work-root": f"{d}/sites", "phantom-per-class": 1, "transfer-dtype": dtype}
     grid = InProcessGrid(app, {1: {"partition-id": 0}, 2: {"partition-id": 1}}, rc)
-    s = Settings.from_run_config(rc)
-    Federation(grid, s, compose(s.config_overrides()), emit=lambda line: None).run()
+    Federation.from_run_config(grid, rc, emit=lambda line: None).run()
     return read_metrics(f"{d}/run")
 
 

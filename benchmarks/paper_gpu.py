@@ -1,7 +1,9 @@
 """Paper-profile throughput on a GPU: LAE and DM train steps and DDIM sampling, in tiles/s.
 
-One command on a GPU machine: ``python -m benchmarks.paper_gpu`` (uses bf16 autocast and
-channels_last as training does; ``--profile tiny`` runs the same measurement on a CPU in seconds).
+One command on a GPU machine: ``python -m benchmarks.paper_gpu``. Train steps use the config's precision (bf16
+autocast on GPUs that support it) through the Lightning modules, as ``benchmarks.train_step`` times them; DDIM
+sampling runs under bf16 autocast with channels_last (the best case, not what ``histodiff.train`` samples with).
+``--profile tiny`` runs the same measurement on a CPU in seconds.
 """
 
 from __future__ import annotations
@@ -12,21 +14,12 @@ import time
 import torch
 from torch.utils.data import TensorDataset
 
-from benchmarks.train_step import BatchWindow
+from benchmarks.train_step import _sync, lightning_dm, lightning_lae
 from histodiff.config import compose
 from histodiff.diffusion import build_ddim
-from histodiff.models import build_autoencoder, build_unet
+from histodiff.models import build_unet
 from histodiff.sampling import ddim_sample
-from histodiff.training.common import make_trainer, resolve_precision, step_loader
-from histodiff.training.dm import DMModule
-from histodiff.training.lae import LAEModule
-
-
-def _fit(cfg, module, data, steps, skip) -> float:
-    window = BatchWindow(skip)
-    trainer = make_trainer(cfg.train, steps + skip, False, [window.callback], progress=False)
-    trainer.fit(module, step_loader(data, cfg.tiles.batch_size, steps + skip, 0))
-    return steps * cfg.tiles.batch_size / window.elapsed
+from histodiff.training.common import resolve_precision
 
 
 def main(argv=None) -> None:
@@ -46,13 +39,14 @@ def main(argv=None) -> None:
     print(f"profile {args.profile} on {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}; "
           f"precision {resolve_precision(cfg.train.precision, cfg.train.accelerator)}; batch {batch}; {size}x{size}")
 
-    lae = _fit(cfg, LAEModule(cfg), data, args.steps, args.skip)
+    tiles = args.steps * batch
+    lae = tiles / lightning_lae(cfg, data, args.steps, args.skip)
     print(f"LAE train step (G + D + LPIPS): {lae:.1f} tiles/s")
     if device == "cuda":
         print(f"  peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
         torch.cuda.reset_peak_memory_stats()
 
-    dm = _fit(cfg, DMModule(cfg, build_autoencoder(cfg.lae), 1.0), data, args.steps, args.skip)
+    dm = tiles / lightning_dm(cfg, data, args.steps, args.skip)
     print(f"DM train step (encode + UNet + EMA): {dm:.1f} tiles/s")
     if device == "cuda":
         print(f"  peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
@@ -65,12 +59,10 @@ def main(argv=None) -> None:
     gen = torch.Generator(device=device).manual_seed(0)
     with torch.autocast(device_type=device, dtype=dtype, enabled=dtype != torch.float32):
         ddim_sample(unet, build_ddim(cfg.dm), 2, 2, generator=gen)  # warm-up
-        if device == "cuda":
-            torch.cuda.synchronize()
+        _sync()
         t0 = time.perf_counter()
         ddim_sample(unet, build_ddim(cfg.dm), args.sample_batch, steps, generator=gen)
-        if device == "cuda":
-            torch.cuda.synchronize()
+        _sync()
     elapsed = time.perf_counter() - t0
     print(f"DDIM sampling ({steps} steps, batch {args.sample_batch}): {args.sample_batch / elapsed:.2f} tiles/s")
 

@@ -35,26 +35,21 @@ def _pair(plain_step, dp_step, steps: int) -> dict:
 
 def bench_dm(cfg, steps: int) -> dict:
     from histodiff.diffusion import build_noise_scheduler
-    from histodiff.losses import eps_loss
-    from histodiff.models import build_autoencoder
     from histodiff.models.unet import build_unet
     from histodiff.privacy.dp_train import _dp_step, _finish, _make_private, _UNetForward
+    from histodiff.training.dm import diffusion_loss
 
     B, s = cfg.tiles.batch_size, cfg.tiles.image_size // 2 ** (len(cfg.lae.block_out_channels) - 1)
     c = cfg.lae.latent_channels
     sched = build_noise_scheduler(cfg.dm)
     z0 = torch.randn(B, c, s, s)
-    _ = build_autoencoder  # the encoder is frozen and outside both steps
 
-    def make_loss(model):
-        def loss_fn(_x):
-            eps = torch.randn_like(z0)
-            t = torch.randint(0, sched.config.num_train_timesteps, (B,))
-            pred = model(sched.add_noise(z0, eps, t), t)
-            pred = pred.sample if hasattr(pred, "sample") else pred
-            loss = eps_loss(pred, eps, cfg.dm.loss)
-            return loss, {}
-        return loss_fn
+    def make_loss(model):  # the encoder is frozen and outside both steps: random latents stand in
+        def eps_model(zt, t):
+            pred = model(zt, t)
+            return pred.sample if hasattr(pred, "sample") else pred
+
+        return lambda _x: (diffusion_loss(eps_model, sched, z0, cfg.dm.loss), {})
 
     unet = build_unet(cfg)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.dm.lr)
@@ -85,12 +80,13 @@ def bench_lae(cfg, steps: int) -> dict:
     B, S = cfg.tiles.batch_size, cfg.tiles.image_size
     x = torch.rand(B, 3, S, S) * 2 - 1
     loss_mod = build_lae_loss(cfg)
-    loss_mod.disc_start = 2**62  # the generator step without the adversarial term, as under DP
 
     def make_loss(forward):
         def loss_fn(batch):
             x_hat, moments = forward(batch)
-            return loss_mod.generator_loss(batch, x_hat, DiagonalGaussianDistribution(moments), 0, None)
+            # the generator step without the adversarial term, as under DP
+            return loss_mod.generator_loss(batch, x_hat, DiagonalGaussianDistribution(moments), 0, None,
+                                           adversarial=False)
         return loss_fn
 
     ae = build_autoencoder(cfg.lae).train()
@@ -120,7 +116,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     quiet_libraries()
     cfg = compose(["profile=tiny", "weights.perceptual=random", *args.overrides])
     result = {"profile": "tiny", "image_size": cfg.tiles.image_size, "batch_size": cfg.tiles.batch_size,

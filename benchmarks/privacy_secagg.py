@@ -4,8 +4,8 @@
 
 Federation: the same run (tiny profile, ``--sites`` sites in Flower's simulation runtime through
 ``python -m server.run --simulation``, 2 LAE + latent-stats + 2 DM rounds of ``--steps`` local steps) without
-and with ``privacy.secagg=true``; prints each round's seconds and bytes, the protocol stages' seconds, the ratio
-on round 2 of each phase (warm). Paper: the masking work of one round on arrays shaped like the paper profile's
+and with ``privacy.secagg=true``; prints each round's seconds, ratio and bytes, and the protocol stages' seconds
+(round 2 of a phase runs warm). Paper: the masking work of one round on arrays shaped like the paper profile's
 DM UNet (built on the meta device, random updates): one site's quantise + mask, the server's streaming sum of
 ``--sites`` uploads and the unmasking with one site dropped after sharing, in this process on CPU.
 """
@@ -15,27 +15,18 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-OVERRIDES = "weights.perceptual=random tiles.batch_size=4"
-
+from benchmarks import TINY_OVERRIDES, simulate
 
 def federation(sites: int, steps: int, secagg: bool, root: Path) -> list[dict]:
-    from strategies.checkpoint import read_metrics
-
     run_dir = root / ("secagg" if secagg else "plain")
-    overrides = OVERRIDES + (" privacy.secagg=true" if secagg else "")
+    overrides = TINY_OVERRIDES + (" privacy.secagg=true" if secagg else "")
     config = (f'overrides="{overrides}" lae-rounds=2 dm-rounds=2 deliver=false local-steps={steps} '
               f'min-sites={min(sites, 2)} work-root="{root / "sites"}" run-name="{run_dir.name}"')
-    proc = subprocess.run([sys.executable, "-m", "server.run", "--run-dir", str(run_dir), "--simulation", str(sites),
-                           "--config", config, "--timeout", "1500"], capture_output=True, text=True)
-    if proc.returncode:
-        raise SystemExit(f"federated run failed ({proc.returncode}): {proc.stdout[-2000:]} {proc.stderr[-2000:]}")
-    return read_metrics(run_dir)
+    return simulate(run_dir, sites, config)
 
 
 def bench_federation(sites: int, steps: int) -> dict:
@@ -59,7 +50,7 @@ def bench_paper(sites: int) -> dict:
 
     from histodiff.config import compose
     from histodiff.models.unet import build_unet
-    from strategies.secagg import SecAggParams, SecureSum, SiteSecAgg, WEIGHT_LEVELS
+    from strategies.secagg import SecAggParams, SecureSum, SiteSecAgg
 
     cfg = compose(["profile=paper"])
     with torch.device("meta"):
@@ -67,22 +58,22 @@ def bench_paper(sites: int) -> dict:
     params = SecAggParams.from_config(cfg)
     nodes = list(range(1, sites + 1))
     server = SecureSum(params, "bench", shapes)
-    site = {n: SiteSecAgg(RecordDict(), n) for n in nodes}
+    site = {n: SiteSecAgg(RecordDict(), n, "bench") for n in nodes}
     t = time.perf_counter()
     for n in nodes:
-        server.add_keys(n, site[n].keys("bench", 1000 + n))
+        server.add_keys(n, site[n].keys(1000 + n))
     request = server.share_request()
     for n in nodes:
-        server.add_shares(n, site[n].shares("bench", request))
+        server.add_shares(n, site[n].shares(request))
     for n in nodes:
-        site[n].receive("bench", server.forward(n, equal_weights=False))
+        site[n].receive(server.forward(n, equal_weights=False))
     keys_s = time.perf_counter() - t
     gen = torch.Generator().manual_seed(0)
     mask_s, add_s = [], []
     for n in nodes[:-1]:  # the last site drops after sharing its secrets
         update = {k: torch.randn(s, generator=gen) * 1e-3 for k, s in shapes.items()}
         t = time.perf_counter()
-        record, _ = site[n].mask("bench", update, WEIGHT_LEVELS, params)
+        record, _ = site[n].mask(update, params)
         mask_s.append(time.perf_counter() - t)
         del update
         t = time.perf_counter()
@@ -90,7 +81,7 @@ def bench_paper(sites: int) -> dict:
         add_s.append(time.perf_counter() - t)
         del record
     request = server.unmask_request()
-    replies = {n: site[n].unmask("bench", request) for n in server.masked}
+    replies = {n: site[n].unmask(request) for n in server.masked}
     t = time.perf_counter()
     server.unmask(replies)
     unmask_s = time.perf_counter() - t

@@ -18,7 +18,7 @@ from histodiff.diffusion import build_noise_scheduler
 from histodiff.losses import build_lae_loss, eps_loss
 from histodiff.models import build_autoencoder, build_unet
 from histodiff.training.common import make_trainer, step_loader
-from histodiff.training.dm import DMModule
+from histodiff.training.dm import DMModule, build_dm_optimizer
 from histodiff.training.lae import LAEModule
 
 
@@ -96,8 +96,7 @@ def bare_dm(cfg, data, steps, skip):
     ae, unet = build_autoencoder(cfg.lae).eval().requires_grad_(False), build_unet(cfg)
     sched = build_noise_scheduler(cfg.dm)
     ema = EMAModel(unet.parameters(), decay=cfg.dm.ema_decay)
-    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.dm.lr, weight_decay=cfg.dm.weight_decay)
-    lr = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.dm.warmup_steps)))
+    opt, lr = build_dm_optimizer(unet, cfg.dm)
     t0 = 0.0
     for step, (x, _) in enumerate(step_loader(data, cfg.tiles.batch_size, steps + skip, 0)):
         if step == skip:

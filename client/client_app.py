@@ -48,22 +48,35 @@ def _refuse_labeled(site) -> None:
         raise RuntimeError(f"site {site.name} is labeled: it receives the model and does not pre-train")
 
 
+def _clipping_norm(conf) -> float | None:
+    """Central DP: the clipping norm the server calibrates its noise to (Flower's config key), if it sent one."""
+    from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+
+    return float(conf[KEY_CLIPPING_NORM]) if KEY_CLIPPING_NORM in conf else None
+
+
 def _secure_round(message: Message, context: Context, cfg):
     """The site's SecAgg+ state for this round (shares received, neighbours known), or None in a plain round.
 
     A site configured with ``privacy.secagg=true`` refuses a plain round: it never sends an unmasked update.
     """
-    from strategies.secagg import RECORD_KEY, SiteSecAgg
+    from strategies.secagg import RECORD_KEY
 
     if RECORD_KEY not in message.content:
         if cfg.privacy.secagg:
             raise RuntimeError("privacy.secagg=true at this site but the server asked for a plain round: "
                                "refusing to send an unmasked update")
         return None
-    request = message.content[RECORD_KEY]
-    secure = SiteSecAgg(context.state, message.metadata.dst_node_id)
-    secure.receive(str(request["round"]), request)
-    return secure, str(request["round"]), int(request["weight"])
+    secure = _site_secagg(message, context)
+    secure.receive(message.content[RECORD_KEY])
+    return secure
+
+
+def _site_secagg(message: Message, context: Context):
+    """This site's side of the secure round the message's protocol record names."""
+    from strategies.secagg import RECORD_KEY, SiteSecAgg
+
+    return SiteSecAgg(context.state, message.metadata.dst_node_id, str(message.content[RECORD_KEY]["round"]))
 
 
 class UpdateView(Mapping):
@@ -89,8 +102,7 @@ def _masked(cfg, secure, update: dict, stats: bool = False):
     """(masked ArrayRecord, metrics) of ``update`` for the secure round ``secure`` from ``_secure_round``."""
     from strategies.secagg import WEIGHT_KEY, SecAggParams
 
-    site_secagg, round_id, weight = secure
-    record, clipped = site_secagg.mask(round_id, update, weight, SecAggParams.from_config(cfg, stats=stats))
+    record, clipped = secure.mask(update, SecAggParams.from_config(cfg, stats=stats))
     total = sum(math.prod(a.shape) for name, a in record.items() if name != WEIGHT_KEY)
     return record, {"secagg-clipped": clipped / max(total, 1)}
 
@@ -119,42 +131,39 @@ def _train_reply(message: Message, cfg, phase: str, result, global_weights: dict
 # ------------------------------------------------------------------ SecAgg+ stages 1, 2 and 4 (strategies/secagg.py)
 
 
+def _protocol_reply(message: Message, rec, stage: str) -> Message:
+    from strategies.secagg import RECORD_KEY, REPLY_FIELDS
+
+    return _reply(message, RecordDict({RECORD_KEY: rec}), {}, protocol=REPLY_FIELDS[stage])
+
+
 @app.query("secagg_keys")
 def secagg_keys(message: Message, context: Context) -> Message:
     """Stage 1: fresh key pairs; the public halves and this site's FedAvg weight (its tile count) go out."""
     from client import task
-    from strategies.secagg import RECORD_KEY, REPLY_FIELDS, SiteSecAgg
 
     site, cfg = _site(context)
     _refuse_labeled(site)
-    conf = message.content["config"]
-    weight = len(task.load_dataset(cfg, train=str(conf["phase"]) != "latent-stats"))
-    rec = SiteSecAgg(context.state, message.metadata.dst_node_id).keys(str(conf["secagg-round"]), weight)
-    return _reply(message, RecordDict({RECORD_KEY: rec}), {}, protocol=REPLY_FIELDS["keys"])
-
-
-def _protocol_stage(message: Message, context: Context, stage: str) -> Message:
-    from strategies.secagg import RECORD_KEY, REPLY_FIELDS, SecAggParams, SiteSecAgg
-
-    secure = SiteSecAgg(context.state, message.metadata.dst_node_id)
-    round_id, request = str(message.content["config"]["secagg-round"]), message.content[RECORD_KEY]
-    if stage == "shares":  # the site holds the server to its own threshold
-        rec = secure.shares(round_id, request, SecAggParams.from_config(_site(context)[1]))
-    else:
-        rec = secure.unmask(round_id, request)
-    return _reply(message, RecordDict({RECORD_KEY: rec}), {}, protocol=REPLY_FIELDS[stage])
+    weight = len(task.load_dataset(cfg, train=str(message.content["config"]["phase"]) != "latent-stats"))
+    return _protocol_reply(message, _site_secagg(message, context).keys(weight), "keys")
 
 
 @app.query("secagg_shares")
 def secagg_shares(message: Message, context: Context) -> Message:
-    """Stage 2: Shamir shares of this round's mask seed and mask key, encrypted for each other site."""
-    return _protocol_stage(message, context, "shares")
+    """Stage 2: Shamir shares of this round's mask seed and mask key, encrypted for each other site; the site
+    holds the server to its own threshold."""
+    from strategies.secagg import RECORD_KEY, SecAggParams
+
+    params = SecAggParams.from_config(_site(context)[1])
+    return _protocol_reply(message, _site_secagg(message, context).shares(message.content[RECORD_KEY], params), "shares")
 
 
 @app.query("secagg_unmask")
 def secagg_unmask(message: Message, context: Context) -> Message:
     """Stage 4: shares of the survivors' seeds and the dropouts' keys (never both for one site), once."""
-    return _protocol_stage(message, context, "unmask")
+    from strategies.secagg import RECORD_KEY
+
+    return _protocol_reply(message, _site_secagg(message, context).unmask(message.content[RECORD_KEY]), "unmask")
 
 
 @app.train("lae")
@@ -171,7 +180,7 @@ def train_lae(message: Message, context: Context) -> Message:
     # under central DP, else task.lae_round
     secure = _secure_round(message, context, cfg)  # SecAgg+: shares decrypted before any training
     result = privacy.lae_round(cfg, task.load_dataset(cfg), site, int(conf["local-steps"]), weights,
-                               float(conf.get("proximal-mu", 0.0)))
+                               float(conf.get("proximal-mu", 0.0)), _clipping_norm(conf))
     return _train_reply(message, cfg, "lae", result, weights, secure, start)
 
 
@@ -227,7 +236,7 @@ def train_dm(message: Message, context: Context) -> Message:
     weights = from_record(message.content[ARRAYS_KEY])
     secure = _secure_round(message, context, cfg)
     result = privacy.dm_round(cfg, task.load_dataset(cfg), site, int(conf["local-steps"]), weights, autoencoder,
-                              float(conf["scale-factor"]), float(conf.get("proximal-mu", 0.0)))
+                              float(conf["scale-factor"]), float(conf.get("proximal-mu", 0.0)), _clipping_norm(conf))
     return _train_reply(message, cfg, "dm", result, weights, secure, start)
 
 

@@ -11,7 +11,7 @@ import logging
 import numpy as np
 import torch
 
-from histodiff.privacy import PrivacyBudgetExhausted, SiteAccountant
+from histodiff.privacy import PrivacyBudgetExhausted
 
 log = logging.getLogger(__name__)
 
@@ -29,13 +29,14 @@ def _no_prox(mu: float) -> None:
         raise ValueError("FedProx (proximal-mu > 0) is not combined with local DP-SGD here; use strategy=fedavg")
 
 
-def lae_round(cfg, dataset, site, steps: int, global_weights, mu: float = 0.0):
-    """One LAE round at ``site``: DP-SGD when privacy.dp and mode=local (accountant in ``site.state``)."""
+def lae_round(cfg, dataset, site, steps: int, global_weights, mu: float = 0.0, clipping_norm: float | None = None):
+    """One LAE round at ``site``: DP-SGD when privacy.dp and mode=local (accountant in ``site.state``); under
+    central DP the update is clipped to ``clipping_norm``, the norm the server calibrates its noise to."""
     if not local_dp(cfg):
         from client import task
 
         result = task.lae_round(cfg, dataset, site, steps, global_weights, mu)
-        return clip_result(cfg, result, global_weights)
+        return clip_result(cfg, result, global_weights, clipping_norm)
     from histodiff.privacy.dp_train import dp_train_lae_steps
 
     _no_prox(mu)
@@ -43,12 +44,13 @@ def lae_round(cfg, dataset, site, steps: int, global_weights, mu: float = 0.0):
                               accountant_dir=site.state, site=site.name)
 
 
-def dm_round(cfg, dataset, site, steps: int, global_weights, autoencoder, scale_factor: float, mu: float = 0.0):
+def dm_round(cfg, dataset, site, steps: int, global_weights, autoencoder, scale_factor: float, mu: float = 0.0,
+             clipping_norm: float | None = None):
     if not local_dp(cfg):
         from client import task
 
         result = task.dm_round(cfg, dataset, site, steps, global_weights, autoencoder, scale_factor, mu)
-        return clip_result(cfg, result, global_weights)
+        return clip_result(cfg, result, global_weights, clipping_norm)
     from histodiff.privacy.dp_train import dp_train_dm_steps
 
     _no_prox(mu)
@@ -68,12 +70,6 @@ def latent_stats(cfg, dataset, autoencoder, site):
     from histodiff.privacy.stats import dp_latent_stats
 
     return dp_latent_stats(cfg, autoencoder, dataset, site.state, site=site.name, seed=int(cfg.seed))
-
-
-def budget_status(cfg, site) -> dict[str, float]:
-    """The site's privacy metrics without training (for a query handler or the client's log line)."""
-    p = cfg.privacy
-    return SiteAccountant.load_or_create(site.state, p.target_epsilon, p.delta).metrics()
 
 
 # ------------------------------------------------------------------ central DP: clip the update at the site
@@ -98,26 +94,16 @@ def clip_update(weights: dict[str, torch.Tensor], global_weights: dict[str, torc
     return out, norm
 
 
-def clip_result(cfg, result, global_weights):
-    """In central mode, the result with its update clipped to ``privacy.max_grad_norm`` (else unchanged)."""
+def clip_result(cfg, result, global_weights, clipping_norm: float | None = None):
+    """In central mode, the result with its update clipped to ``clipping_norm`` (the round config's, Flower's key;
+    ``privacy.max_grad_norm`` when the round names none); else unchanged."""
     if not central_dp(cfg) or not global_weights:
         return result
-    result.weights, norm = clip_update(result.weights, global_weights, float(cfg.privacy.max_grad_norm))
-    result.metrics = {**result.metrics, "dp-update-norm": norm, "dp-clipping-norm": float(cfg.privacy.max_grad_norm),
-                      "dp-clipped": float(norm > cfg.privacy.max_grad_norm)}
+    c = float(cfg.privacy.max_grad_norm if clipping_norm is None else clipping_norm)
+    result.weights, norm = clip_update(result.weights, global_weights, c)
+    result.metrics = {**result.metrics, "dp-update-norm": norm, "dp-clipping-norm": c, "dp-clipped": float(norm > c)}
     return result
 
 
-def client_mods(cfg) -> list:
-    """Flower mods for ClientApps on Flower's own strategy paths (not our streaming federation, which clips in
-    ``clip_result`` and runs SecAgg+ itself: strategies/secagg.py)."""
-    mods = []
-    if central_dp(cfg):
-        from flwr.clientapp.mod import fixedclipping_mod
-
-        mods.append(fixedclipping_mod)
-    return mods
-
-
-__all__ = ["PrivacyBudgetExhausted", "lae_round", "dm_round", "latent_stats", "budget_status", "clip_update", "clip_result",
-           "client_mods", "local_dp", "central_dp"]
+__all__ = ["PrivacyBudgetExhausted", "lae_round", "dm_round", "latent_stats", "clip_update", "clip_result",
+           "local_dp", "central_dp"]

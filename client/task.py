@@ -170,7 +170,8 @@ def table_metrics(results: dict) -> dict[str, float]:
 
 
 def deliver(cfg, site: Site, ae_weights, unet_weights, scale_factor: float, run_pipeline: bool = True) -> dict[str, float]:
-    """Store the global model at the labeled site and run its augmentation pipeline there when installed."""
+    """Store the global model at the labeled site and run its augmentation pipeline there (unless ``run_pipeline``
+    is false or the site has no test set); only the Table 1 scalars go back."""
     from histodiff.checkpoint import export_global_model
     from histodiff.models.unet import build_unet
 

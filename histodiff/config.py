@@ -219,15 +219,15 @@ def _validate(cfg: DictConfig) -> None:
         raise ConfigError("dm.unet.attention_levels must have one entry per dm.unet.block_out_channels level")
     if cfg.dm.ddim_steps > cfg.dm.num_train_timesteps:
         raise ConfigError("dm.ddim_steps cannot exceed dm.num_train_timesteps")
-    privacy = cfg.get("privacy")
-    if privacy is not None and privacy.dp:
+    privacy = cfg.privacy
+    if privacy.dp:
         if not 0 < privacy.delta < 1 or privacy.target_epsilon <= 0 or privacy.max_grad_norm <= 0:
             raise ConfigError("privacy needs 0 < delta < 1, target_epsilon > 0 and max_grad_norm > 0")
         if privacy.noise_multiplier is None and privacy.mode == "local" and privacy.planned_steps <= 0:
             raise ConfigError("privacy.noise_multiplier is null: set privacy.planned_steps (DP steps of the whole run)")
         if privacy.noise_multiplier is None and privacy.mode == "central":
             raise ConfigError("privacy.mode=central needs privacy.noise_multiplier (the server's noise)")
-    if privacy is not None and privacy.secagg:
+    if privacy.secagg:
         if privacy.secagg_clipping_range <= 0 or privacy.secagg_stats_range <= 0:
             raise ConfigError("privacy.secagg_clipping_range and privacy.secagg_stats_range must be positive")
         if not 2 <= privacy.secagg_quantization_range < 2**31:

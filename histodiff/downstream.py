@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import lightning as L
 import torch
@@ -71,11 +71,13 @@ def colour_jitter(x: torch.Tensor, strength: float = 0.1) -> torch.Tensor:
 class ClassifierModule(L.LightningModule):
     """A timm classifier trained with cross-entropy; keeps the weights of its best validation epoch."""
 
+    JITTER = 0.1  # colour-jitter strength of the training batches
+
     def __init__(self, model: torch.nn.Module, img_size: int, lr: float, weight_decay: float, epochs: int,
-                 num_classes: int, name: str = "classifier", jitter: float = 0.1) -> None:
+                 name: str = "classifier") -> None:
         super().__init__()
         self.model, self.img_size, self.lr, self.wd, self.epochs = model, img_size, lr, weight_decay, epochs
-        self.num_classes, self.name, self.jitter = num_classes, name, jitter
+        self.name = name
         self.best_state: dict[str, torch.Tensor] | None = None
         self.best = (-1.0, float("inf"))  # (val accuracy, val loss): higher accuracy, then lower loss
         self.history: list[dict[str, float]] = []
@@ -92,8 +94,7 @@ class ClassifierModule(L.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
-        if self.jitter > 0:
-            x = colour_jitter(x, self.jitter)
+        x = colour_jitter(x, self.JITTER)
         loss, _, _ = self._common_step((x, y))
         self._train_loss.append(float(loss.detach()))
         self.log("train_loss", loss, prog_bar=True)
@@ -139,7 +140,7 @@ class TrainedClassifier:
 
 
 def train_classifier(clf_cfg, train_cfg, train_set: Dataset, val_set: Dataset, num_classes: int, seed: int,
-                     batch_size: int, name: str = "classifier") -> TrainedClassifier:
+                     batch_size: int, name: str = "classifier", num_workers: int = 0) -> TrainedClassifier:
     """Train a timm model from ``clf_cfg``; return the weights of its best epoch on ``val_set``."""
     from histodiff.models import build_image_classifier
     from histodiff.training.common import quiet_libraries, resolve_precision, seed_everything
@@ -147,15 +148,15 @@ def train_classifier(clf_cfg, train_cfg, train_set: Dataset, val_set: Dataset, n
     quiet_libraries()
     seed_everything(seed)
     model = build_image_classifier(clf_cfg, num_classes)
-    module = ClassifierModule(model, clf_cfg.img_size, clf_cfg.lr, clf_cfg.weight_decay, clf_cfg.epochs,
-                              num_classes, name)
+    module = ClassifierModule(model, clf_cfg.img_size, clf_cfg.lr, clf_cfg.weight_decay, clf_cfg.epochs, name)
     # one device: the best-epoch weights are kept in this process's memory
     trainer = L.Trainer(accelerator=train_cfg.accelerator, devices=1,
                         precision=resolve_precision(train_cfg.precision, train_cfg.accelerator),
                         max_epochs=clf_cfg.epochs, logger=False, enable_checkpointing=False,
                         enable_progress_bar=bool(train_cfg.progress), enable_model_summary=False,
                         num_sanity_val_steps=0)
-    trainer.fit(module, loader(train_set, batch_size, True, seed), loader(val_set, batch_size, False))
+    trainer.fit(module, loader(train_set, batch_size, True, seed, num_workers),
+                loader(val_set, batch_size, False, num_workers=num_workers))
     if module.best_state is not None:
         model.load_state_dict(module.best_state)
     return TrainedClassifier(model.cpu().eval(), clf_cfg.img_size, module.best[0], module.history)
@@ -166,11 +167,15 @@ def train_classifier(clf_cfg, train_cfg, train_set: Dataset, val_set: Dataset, n
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, dataset: Dataset, img_size: int, batch_size: int = 32,
-            device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(logits, pooled features, labels) over a whole dataset, in order."""
+            device: str | torch.device = "cpu", on_batch: Callable[[torch.Tensor], None] | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits, pooled features, labels) over a whole dataset, in order; ``on_batch(x)`` sees every batch of
+    images too (more features from the same pass, each tile decoded once)."""
     model = model.to(device).eval()
     logits, feats, labels = [], [], []
     for x, y in loader(dataset, batch_size, False):
+        if on_batch is not None:
+            on_batch(x)
         f = model.forward_head(model.forward_features(fit_input(x.to(device), img_size)), pre_logits=True)
         feats.append(f.float().cpu())
         logits.append(model.get_classifier()(f).float().cpu())

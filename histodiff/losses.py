@@ -71,8 +71,10 @@ class LAELoss(nn.Module):
         return torch.clamp(d_weight, 0.0, 1e4).detach() * self.disc_weight
 
     def generator_loss(self, x: Tensor, x_hat: Tensor, posterior: Any, global_step: int,
-                       last_layer: nn.Parameter) -> tuple[Tensor, dict[str, float]]:
-        """Loss for the autoencoder; x and x_hat in [-1, 1]; posterior a diffusers DiagonalGaussianDistribution."""
+                       last_layer: nn.Parameter | None, adversarial: bool = True) -> tuple[Tensor, dict[str, float]]:
+        """Loss for the autoencoder; x and x_hat in [-1, 1]; posterior a diffusers DiagonalGaussianDistribution.
+
+        ``adversarial=False`` leaves the discriminator out whatever the step (DP-SGD: see histodiff.privacy.dp_train)."""
         l1 = (x - x_hat).abs().mean()
         if self.perceptual_weight > 0:
             perceptual = self.perceptual(x.contiguous(), x_hat.contiguous()).mean()  # type: ignore[misc]
@@ -82,7 +84,7 @@ class LAELoss(nn.Module):
         kl_sum = posterior.kl().mean()  # diffusers sums the KL over latent elements per sample
         kl = kl_sum / x[0].numel()  # per image element, matching the reduction of nll (see class doc)
 
-        factor = self.active_disc_factor(global_step)
+        factor = self.active_disc_factor(global_step) if adversarial else 0.0
         zero = torch.zeros((), device=x.device)
         if factor > 0:
             g_loss = -self.discriminator(x_hat.contiguous()).mean()

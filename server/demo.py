@@ -2,7 +2,7 @@
 
 3 unlabeled sites with different stains pre-train the LAE and the DM in Flower's simulation runtime
 (latent statistics round in between); then the global model goes to 1 labeled site unseen in pre-training,
-which runs the labeled-site pipeline when it is installed. Progress: one line per round.
+which runs the labeled-site pipeline (``--no-augment``: stores the model only). Progress: one line per round.
 """
 
 from __future__ import annotations
@@ -31,7 +31,13 @@ def main(argv: list[str] | None = None) -> int:
               f'local-steps={args.local_steps} min-sites={min(2, args.unlabeled)} phantom-per-class={args.per_class} '
               f'labeled-partitions="{n - 1}" round-timeout=3600.0 wait-timeout=300.0 '
               f'augment={"false" if args.no_augment else "true"}')
-    return run(["--run-dir", args.out, "--simulation", str(n), "--config", config, "--timeout", str(args.timeout)])
+    from pathlib import Path
+
+    from strategies.schedule import load_state
+
+    # rerunning after an interruption continues the run (its run config is kept in the run directory)
+    where = ["--resume", args.out] if load_state(Path(args.out)) is not None else ["--run-dir", args.out]
+    return run([*where, "--simulation", str(n), "--config", config, "--timeout", str(args.timeout)])
 
 
 if __name__ == "__main__":

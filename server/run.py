@@ -59,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("--insecure: TLS and SuperNode authentication are OFF; use only on a trusted local machine")
     certs = None if insecure else Path(args.certs or saved.get("certs") or run_dir / "certs").resolve()
     started: list[subprocess.Popen] = []
+    # a resumed run must see the same run config as the run it continues (sites read it too)
+    user_config = args.config or saved.get("config", "")
     try:
         superlink = args.superlink or saved.get("joined")
         if superlink is None:
@@ -76,17 +78,15 @@ def main(argv: list[str] | None = None) -> int:
             started.append(proc)
             flwr_cli.wait_healthy(port, proc, tls=certs is not None)
             _save(run_dir, {"port": port, "certs": str(certs) if certs else None, "insecure": insecure,
-                            "superlink_pid": proc.pid})
+                            "superlink_pid": proc.pid, "config": user_config})
             log.info("SuperLink on %s (pid %d, log %s)", superlink, proc.pid, run_dir / "logs" / "superlink.log")
         else:
-            _save(run_dir, {"joined": superlink, "certs": str(certs) if certs else None, "insecure": insecure})
+            _save(run_dir, {"joined": superlink, "certs": str(certs) if certs else None, "insecure": insecure,
+                            "config": user_config})
         home = flwr_cli.write_flwr_home(run_dir / "flwr-home", superlink, certs / "ca.crt" if certs else None, insecure)
         if not args.superlink and certs is not None:
             keys = [Path(k) for k in args.register] if args.register is not None else sorted((certs / "sites").glob("*.pub"))
             flwr_cli.register_keys(home, keys)
-        # a resumed run must see the same run config as the run it continues (sites read it too)
-        user_config = args.config or saved.get("config", "")
-        _save(run_dir, {**json.loads((run_dir / COORDINATOR_FILE).read_text()), "config": user_config})
         config = f'run-dir="{run_dir}" resume={"true" if args.resume else "false"} {user_config}'.strip()
         return _submit(home, config, run_dir, args, started)
     except KeyboardInterrupt:

@@ -13,13 +13,11 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    from histodiff.config import compose
     from strategies.federation import Federation
-    from strategies.settings import Settings
 
-    settings = Settings.from_run_config(context.run_config)
-    cfg = compose(settings.config_overrides())
-    log(INFO, "[fed] run dir %s, strategy %s, transfer %s, min-sites %d", settings.run_dir, settings.strategy,
-        settings.transfer_dtype, settings.min_sites)
-    state = Federation(grid, settings, cfg, emit=lambda line: log(INFO, line)).run()
+    federation = Federation.from_run_config(grid, context.run_config, emit=lambda line: log(INFO, line))
+    s = federation.s
+    log(INFO, "[fed] run dir %s, strategy %s, transfer %s, min-sites %d", s.run_dir, s.strategy, s.transfer_dtype,
+        s.min_sites)
+    state = federation.run()
     log(INFO, "[fed] status %s %s", state.status, state.message)

@@ -52,6 +52,14 @@ class Federation:
         self.central = (CentralDP.from_config(cfg, population_size=1000)
                         if cfg.privacy.dp and cfg.privacy.mode == "central" else None)
 
+    @classmethod
+    def from_run_config(cls, grid: Grid, run_config, emit: Callable[[str], None] | None = None) -> "Federation":
+        """The federation a run config describes (validated settings, composed model config): the ServerApp's."""
+        from histodiff.config import compose
+
+        settings = Settings.from_run_config(run_config)
+        return cls(grid, settings, compose(settings.config_overrides()), emit)
+
     # ------------------------------------------------------------------ lifecycle
 
     def run(self) -> ServerState:
@@ -263,19 +271,19 @@ class Federation:
         for node in trip.missing:
             dropped[node] = "missed the round deadline"
         if secure:  # stage 4: the survivors' shares remove the masks; only the weighted mean appears
-            delta, weights = self._secagg_close(phase, secure, answered, dropped)
+            delta = self._secagg_close(phase, secure, answered, dropped)
             mean = {k: (v + delta[k] if k in delta else v.clone()) for k, v in current.items()}
         else:
             self._log_dropped(phase, dropped)
             if len(answered) < self.s.min_sites:
                 raise RoundFailed(f"{len(answered)} of {len(nodes)} sites answered, min-sites={self.s.min_sites}")
-            mean, weights = acc.mean(), [1.0] * len(answered)
+            mean = acc.mean()
             del acc
         if self.central:
             # SecAgg+ rounds each clipped update value stochastically (< 1 step): its L2 norm may pass C by
             # step * sqrt(values); the noise is scaled to cover that
             slack = secure.params.step * sum(v.numel() for v in delta.values()) ** 0.5 if secure else 0.0
-            mean = self.central.privatize(mean, weights, sensitivity_slack=slack)
+            mean = self.central.privatize(mean, [1.0] * len(answered), sensitivity_slack=slack)
         new = self.opt.step(current, mean)
         self.weights.update(new)
         self.ema.update(new)
@@ -306,8 +314,10 @@ class Federation:
         t0 = time.time()
         round_id = f"{phase}-{self.state.global_round + 1}-{secrets.token_hex(6)}"
         secure = SecureSum(SecAggParams.from_config(self.cfg, stats=phase == "latent-stats"), round_id, shapes)
-        config = ConfigRecord({"phase": phase, "server-round": self.state.global_round + 1, "secagg-round": round_id})
-        replies, lost = self._exchange(nodes, "query.secagg_keys", lambda n: RecordDict({"config": config}))
+        config = ConfigRecord({"phase": phase, "server-round": self.state.global_round + 1})
+        request = secure.key_request()
+        replies, lost = self._exchange(nodes, "query.secagg_keys",
+                                       lambda n: RecordDict({"config": config, RECORD_KEY: request}))
         _take(replies, secure.add_keys, lost, dropped, "keys")
         self._secagg_enough(phase, len(secure.keys), len(nodes), 2, "sent public keys")
         try:
@@ -322,28 +332,25 @@ class Federation:
         return secure
 
     def _secagg_close(self, phase: str, secure: SecureSum, answered: list[int], dropped: dict):
-        """Stage 4: unmask the sum with the survivors' shares; (weighted mean of the updates, weights used)."""
+        """Stage 4: unmask the sum with the survivors' shares; the weighted mean of the updates."""
         self._log_dropped(phase, dropped)
         self._secagg_enough(phase, len(answered), len(secure.sharers), secure.threshold, "sent a masked update")
         t0 = time.time()
         request = secure.unmask_request()
-        config = ConfigRecord({"phase": phase, "secagg-round": secure.round_id})
+        config = ConfigRecord({"phase": phase})
         replies, lost = self._exchange(secure.masked, "query.secagg_unmask",
                                        lambda n: RecordDict({"config": config, RECORD_KEY: request}))
         for node, reason in lost.items():
             self.emit(f"{phase} round {self.state.phase_round + 1}: site {node} sent no shares to unmask: {reason}")
         try:
-            mean, _ = secure.unmask(replies)
+            mean = secure.unmask(replies)
         except (SecAggError, KeyError, ValueError) as exc:
             raise RoundFailed(f"secure aggregation could not unmask the sum: {exc}") from None
         secure.seconds["unmask"] = round(time.time() - t0, 3)
-        weights = [float(secure.weights[n]) for n in secure.masked]
-        if self.central:
-            weights = [1.0] * len(secure.masked)
         log.info("secure aggregation: sum of %d masked updates unmasked (%d dropout(s) unmasked, threshold %d, "
                  "quantisation error <= %.3g)", len(secure.masked), len(secure.unmasked_dropouts), secure.threshold,
                  secure.bound)
-        return mean, weights
+        return mean
 
     def _secagg_enough(self, phase: str, have: int, asked: int, threshold: int, what: str) -> None:
         need = max(self.s.min_sites, threshold, 2)  # a "sum" of one site is that site's update
@@ -407,7 +414,7 @@ class Federation:
         for node in trip.missing:
             dropped[node] = "missed the round deadline"
         if secure:  # only the tile-weighted mean of the sites' latent moments is unmasked
-            moments, _ = self._secagg_close("latent-stats", secure, answered, dropped)
+            moments = self._secagg_close("latent-stats", secure, answered, dropped)
             tiles = sum(secure.weights[n] for n in secure.masked)
             parts = [LatentStats(float(moments["latent.mean"][0]) * tiles, float(moments["latent.meansq"][0]) * tiles,
                                  int(tiles))]

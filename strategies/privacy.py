@@ -4,8 +4,7 @@
   filters exhausted sites out of the next rounds; persisted in the run directory, so it survives a resume.
 - ``CentralDP``: Flower's central DP with client-side fixed clipping, written for our streaming federation
   with Flower's own primitives (``compute_stdv``, ``add_gaussian_noise_inplace``) and Flower's ``RdpAccountant``
-  (``flwr[dp]``), persisted in the run directory. ``flower_dp_strategy`` wraps a Flower
-  ``Strategy`` with ``DifferentialPrivacyClientSideFixedClipping`` for Strategy-API code paths.
+  (``flwr[dp]``), persisted in the run directory.
 - SecAgg+ runs in the federation's own message loop: ``strategies/secagg.py``.
 """
 
@@ -193,14 +192,3 @@ class CentralDP:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if state and "accountant" in state:
             self.accountant.load_state_dict(dict(state["accountant"]))
-
-
-def flower_dp_strategy(strategy, cfg, num_sampled_clients: int, population_size: int):
-    """Flower's ``DifferentialPrivacyClientSideFixedClipping`` around a Flower ``Strategy`` (Strategy-API runs;
-    sites then add ``flwr.clientapp.mod.fixedclipping_mod`` to their ClientApp mods)."""
-    from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
-
-    p = cfg.privacy
-    accountant = build_rdp_accountant(p.delta, population_size, p.target_epsilon)
-    return DifferentialPrivacyClientSideFixedClipping(strategy, float(p.noise_multiplier), float(p.max_grad_norm),
-                                                      num_sampled_clients, accountant=accountant)

@@ -140,27 +140,32 @@ def _unpack(data: bytes) -> tuple[int, int, bytes, bytes]:
 class SiteSecAgg:
     """A site's side of one secure round; its secrets live in ``context.state`` (memory), never on disk."""
 
-    def __init__(self, state: RecordDict, node_id: int):
-        self.state, self.node = state, int(node_id)
+    def __init__(self, state: RecordDict, node_id: int, round_id: str):
+        self.state, self.node, self.round_id = state, int(node_id), str(round_id)
 
-    def _load(self, round_id: str) -> ConfigRecord:
+    def _load(self) -> ConfigRecord:
         rec = self.state.config_records.get(STATE_KEY)
-        if rec is None or rec.get("round") != round_id:
+        if rec is None or rec.get("round") != self.round_id:
             have = rec.get("round") if rec is not None else None
-            raise SecAggError(f"site has no secure round {round_id} (holds {have}); it restarted or skipped a stage")
+            raise SecAggError(f"site has no secure round {self.round_id} (holds {have}); it restarted or skipped a stage")
         return rec
 
-    def keys(self, round_id: str, weight: float) -> ConfigRecord:
+    @property
+    def weight(self) -> int:
+        """This round's integer weight k (of ``WEIGHT_LEVELS``), as the server forwarded it with the shares."""
+        return int(self._load()["weight"])
+
+    def keys(self, weight: float) -> ConfigRecord:
         """Stage 1: two fresh key pairs (pairwise encryption, pairwise masks); the public halves go out."""
         from flwr.supercore.primitives.asymmetric import generate_key_pairs, private_key_to_bytes, public_key_to_bytes
 
         (sk1, pk1), (sk2, pk2) = generate_key_pairs(), generate_key_pairs()
-        self.state[STATE_KEY] = ConfigRecord({"round": round_id, "sk1": private_key_to_bytes(sk1),
+        self.state[STATE_KEY] = ConfigRecord({"round": self.round_id, "sk1": private_key_to_bytes(sk1),
                                               "sk2": private_key_to_bytes(sk2), "pk1": public_key_to_bytes(pk1),
                                               "pk2": public_key_to_bytes(pk2)})
         return ConfigRecord({"pk1": public_key_to_bytes(pk1), "pk2": public_key_to_bytes(pk2), "weight": float(weight)})
 
-    def shares(self, round_id: str, request: Mapping, params: SecAggParams | None = None) -> ConfigRecord:
+    def shares(self, request: Mapping, params: SecAggParams | None = None) -> ConfigRecord:
         """Stage 2: Shamir shares of the mask seed and of the mask key, encrypted for each other site.
 
         ``params``: the site's own configuration; a threshold below its ``threshold(sites)`` is refused (fewer
@@ -170,7 +175,7 @@ class SiteSecAgg:
         from flwr.common.secure_aggregation.crypto.symmetric_encryption import encrypt, generate_shared_key
         from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
 
-        rec = self._load(round_id)
+        rec = self._load()
         nodes, pk1s, pk2s = [int(n) for n in request["nodes"]], list(request["pk1"]), list(request["pk2"])
         threshold = int(request["threshold"])
         if self.node not in nodes or len(set(nodes)) != len(nodes) or not len(nodes) == len(pk1s) == len(pk2s):
@@ -198,12 +203,12 @@ class SiteSecAgg:
                     "held-nodes": [self.node], "held-seed": [seed_shares[me]], "held-sk": [sk_shares[me]]})
         return ConfigRecord({"dst": dst, "ct": ct})
 
-    def receive(self, round_id: str, request: Mapping) -> list[int]:
+    def receive(self, request: Mapping) -> list[int]:
         """Stage 3, before training: decrypt the shares the other sites sent; returns the masking neighbours."""
         from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt, generate_shared_key
         from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
 
-        rec = self._load(round_id)
+        rec = self._load()
         nodes = [int(n) for n in rec["nodes"]]
         srcs, cts = [int(n) for n in request["src"]], list(request["ct"])
         if len(srcs) != len(cts) or len(set(srcs)) != len(srcs) or not set(srcs) <= set(nodes) - {self.node}:
@@ -222,26 +227,27 @@ class SiteSecAgg:
             held_seed.append(seed_share)
             held_sk.append(sk_share)
         neighbours = sorted(srcs)
-        rec.update({"held-nodes": held_nodes, "held-seed": held_seed, "held-sk": held_sk, "neighbours": neighbours})
+        rec.update({"held-nodes": held_nodes, "held-seed": held_seed, "held-sk": held_sk, "neighbours": neighbours,
+                    "weight": int(min(max(int(request["weight"]), 1), WEIGHT_LEVELS))})
         return neighbours
 
-    def mask(self, round_id: str, update: Mapping[str, torch.Tensor], weight: int, params: SecAggParams) -> tuple[ArrayRecord, int]:
+    def mask(self, update: Mapping[str, torch.Tensor], params: SecAggParams) -> tuple[ArrayRecord, int]:
         """Stage 3, after training: the quantised, weighted, masked update (uint32) and how many values were clipped."""
         import torch
         from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
         from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
 
-        rec = self._load(round_id)
+        rec = self._load()
         if "neighbours" not in rec:
             raise SecAggError("masking before the shares were received")
         nodes, pk2s = [int(n) for n in rec["nodes"]], list(rec["all-pk2"])
         sk2 = bytes_to_private_key(bytes(rec["sk2"]))
-        streams = [(1, MaskStream(bytes(rec["seed"]), round_id, "self"))]
+        streams = [(1, MaskStream(bytes(rec["seed"]), self.round_id, "self"))]
         for other in rec["neighbours"]:
             shared = _key32(generate_shared_key(sk2, bytes_to_public_key(pk2s[nodes.index(int(other))])))
-            streams.append((pairwise_sign(self.node, int(other)), MaskStream(shared, round_id, "pair")))
+            streams.append((pairwise_sign(self.node, int(other)), MaskStream(shared, self.round_id, "pair")))
         gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
-        weight = int(min(max(weight, 1), WEIGHT_LEVELS))
+        weight = int(rec["weight"])
         out, clipped = ArrayRecord(), 0
         for name in masked_names(update):
             if name == WEIGHT_KEY:
@@ -257,9 +263,9 @@ class SiteSecAgg:
         rec["masked"] = True
         return out, clipped
 
-    def unmask(self, round_id: str, request: Mapping) -> ConfigRecord:
+    def unmask(self, request: Mapping) -> ConfigRecord:
         """Stage 4: shares of the survivors' seeds and the dropouts' mask keys; once, then the secrets are gone."""
-        rec = self._load(round_id)
+        rec = self._load()
         if not rec.get("masked"):
             raise SecAggError("unmask requested before this site sent its masked update")
         active, dead = {int(n) for n in request["active"]}, {int(n) for n in request["dead"]}
@@ -299,6 +305,9 @@ class SecureSum:
         self.bound: float | None = None  # quantisation error bound of the unmasked mean
 
     # stage 1
+    def key_request(self) -> ConfigRecord:
+        return ConfigRecord({"round": self.round_id})
+
     def add_keys(self, node: int, rec: Mapping) -> None:
         self.keys[int(node)] = (bytes(rec["pk1"]), bytes(rec["pk2"]))
         self.weights[int(node)] = float(rec["weight"])
@@ -307,7 +316,7 @@ class SecureSum:
         nodes = sorted(self.keys)
         self.params.check(len(nodes))
         self.threshold = self.params.threshold(len(nodes))
-        return ConfigRecord({"nodes": nodes, "pk1": [self.keys[n][0] for n in nodes],
+        return ConfigRecord({"round": self.round_id, "nodes": nodes, "pk1": [self.keys[n][0] for n in nodes],
                              "pk2": [self.keys[n][1] for n in nodes], "threshold": self.threshold})
 
     # stage 2
@@ -351,8 +360,9 @@ class SecureSum:
         dead = sorted(set(self.sharers) - set(self.masked))
         return ConfigRecord({"round": self.round_id, "active": sorted(self.masked), "dead": dead})
 
-    def unmask(self, replies: Mapping[int, Mapping]) -> tuple[dict[str, torch.Tensor], float]:
-        """Remove the masks with the survivors' shares; returns (weighted mean of the updates, total weight / K)."""
+    def unmask(self, replies: Mapping[int, Mapping]) -> dict[str, torch.Tensor]:
+        """Remove the masks with the survivors' shares; returns the weighted mean of the updates (``bound``: its
+        largest quantisation error per value, one step per survivor)."""
         import torch
         from flwr.common.secure_aggregation.crypto.shamir import combine_shares
         from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
@@ -371,10 +381,7 @@ class SecureSum:
         for node in self.masked:
             if len(seeds.get(node, [])) < self.threshold:
                 raise SecAggError(f"too few shares of site {node}'s mask seed")
-            stream = MaskStream(combine_shares(seeds[node][:self.threshold]), self.round_id, "self")
-            for name in names:
-                np.subtract(self.sums[name], stream.next(self.sums[name].size).reshape(self.sums[name].shape),
-                            out=self.sums[name])
+            _remove(self.sums, names, MaskStream(combine_shares(seeds[node][:self.threshold]), self.round_id, "self"))
         for dead in sorted(set(self.sharers) - set(self.masked)):
             if len(sks.get(dead, [])) < self.threshold:
                 raise SecAggError(f"too few shares of dropped site {dead}'s mask key")
@@ -383,10 +390,7 @@ class SecureSum:
                 raise SecAggError(f"the rebuilt mask key of site {dead} does not match its public key")
             for node in self.masked:  # node added sign(node, dead) * mask; take it out again
                 shared = _key32(generate_shared_key(sk, bytes_to_public_key(self.keys[node][1])))
-                stream, sign = MaskStream(shared, self.round_id, "pair"), pairwise_sign(node, dead)
-                for name in names:
-                    (np.subtract if sign > 0 else np.add)(self.sums[name], stream.next(self.sums[name].size).reshape(
-                        self.sums[name].shape), out=self.sums[name])
+                _remove(self.sums, names, MaskStream(shared, self.round_id, "pair"), pairwise_sign(node, dead))
             self.unmasked_dropouts.append(dead)
         total_k = float(self.sums[WEIGHT_KEY][0])
         if total_k <= 0:
@@ -395,12 +399,15 @@ class SecureSum:
         mean = {name: torch.from_numpy((self.sums[name].astype(np.float64) * self.params.step - offset) / share)
                 .to(torch.float32) for name in names if name != WEIGHT_KEY}
         self.sums = {}
-        self.bound = self.error_bound(share)
-        return mean, share
+        self.bound = len(self.masked) * self.params.step / share
+        return mean
 
-    def error_bound(self, total_share: float) -> float:
-        """Largest quantisation error of one value of the unmasked weighted mean (one step per survivor)."""
-        return len(self.masked) * self.params.step / total_share
+
+def _remove(sums: dict[str, np.ndarray], names: list[str], stream: MaskStream, sign: int = 1) -> None:
+    """Take ``sign`` times the stream's masks out of ``sums`` in place (mod 2^32), array by array in mask order."""
+    op = np.subtract if sign > 0 else np.add
+    for name in names:
+        op(sums[name], stream.next(sums[name].size).reshape(sums[name].shape), out=sums[name])
 
 
 __all__ = ["SecAggParams", "SecAggError", "SiteSecAgg", "SecureSum", "MaskStream", "quantize", "WEIGHT_KEY",

@@ -47,9 +47,6 @@ def phantom_tiles(phantom_unlabeled: Path, tmp_path_factory: pytest.TempPathFact
 def _drop_entry_point_log_handlers():
     """Entry points called in-process attach handlers to pytest's captured stdout: detach them after each test."""
     yield
-    import logging
+    from histodiff.logs import remove_handlers
 
-    root = logging.getLogger()
-    for handler in [h for h in root.handlers if getattr(h, "_histodiff_handler", False)]:
-        root.removeHandler(handler)
-        handler.close()
+    remove_handlers()

@@ -78,7 +78,7 @@ def test_every_output_exists_and_is_well_formed(finished):
     assert [r["setting"] for r in table] == ["baseline", "random_50", "selective_50", "selective_100"]
     for col in ("fid", "accuracy_mean", "f1_mean", "sensitivity_mean", "specificity_mean"):
         assert col in table[0]
-    assert table[0]["fid"] == "" and all(float(r["accuracy_mean"]) >= 0 for r in table)
+    assert table[0]["fid"] == "" and all(0 <= float(r["accuracy_mean"]) <= 1 for r in table)
     md = (out / "table1.md").read_text().splitlines()
     assert md[0] == "| setting | FID | accuracy | F1 | sensitivity | specificity |" and len(md) == 2 + 4
     assert "+ selective 100%" in md[-1] and "+ random 50%" in md[3]
@@ -105,6 +105,7 @@ def test_rerun_skips_every_stage(site, finished):
     # a changed selection config reruns only what depends on it
     results = run_augment(compose([*TINY, "augment.tau=0.99"]), site / "labeled", site / "test", site / "model", finished)
     assert "candidates" not in results["stages"]["ran"] and "aux_classifier" not in results["stages"]["ran"]
+    assert any(s.startswith("downstream/selective_") for s in results["stages"]["ran"]), results["stages"]
 
 
 def _error(capsys) -> str:

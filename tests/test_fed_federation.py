@@ -14,7 +14,6 @@ from strategies.checkpoint import init_lae_weights, read_metrics
 from strategies.federation import Federation
 from strategies.inprocess import InProcessGrid
 from strategies.schedule import load_state
-from strategies.settings import Settings
 
 OVERRIDES = "weights.perceptual=random lae.perceptual_weight=0 tiles.batch_size=4 tiles.image_size=32"
 
@@ -33,8 +32,7 @@ def _run_config(tmp_path, **extra):
 
 
 def _federation(grid, rc, lines=None):
-    s = Settings.from_run_config(rc)
-    return Federation(grid, s, compose(s.config_overrides()), emit=(lines.append if lines is not None else print))
+    return Federation.from_run_config(grid, rc, emit=(lines.append if lines is not None else print))
 
 
 def test_full_schedule_with_a_failing_site(tmp_path):
@@ -67,8 +65,7 @@ def test_below_min_sites_stops_cleanly_then_resumes(tmp_path):
         if line.startswith("[fed] lae round 1/2"):
             grid.offline.update({11, 12})  # two sites go away after the first round
 
-    s = Settings.from_run_config(rc)
-    state = Federation(grid, s, compose(s.config_overrides()), emit=emit).run()
+    state = Federation.from_run_config(grid, rc, emit=emit).run()
     assert state.status == "stopped" and "1 unlabeled site(s) connected, 2 needed" in state.message
     assert any("FEDERATION STOPPED" in line and "--resume" in line for line in lines)
     saved = load_state(tmp_path / "run")

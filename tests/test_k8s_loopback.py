@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from server import flwr_cli
 from tests.e2e import loopback
 from tests.test_k8s_manifests import K8S, render
 
@@ -91,37 +92,8 @@ class Pod:
         for var in container.get("env", []):
             env[var["name"]] = self.map_path(container, env_override.get(var["name"], var["value"]))
         env["PATH"] = f"{BIN}{os.pathsep}/usr/bin:/bin"
-        env.setdefault("RAY_TMPDIR", str(self.root / "ray"))
         cwd = self.map_path(container, container.get("workingDir", IMAGE_APP_DIR))
         return argv, env, cwd
-
-
-class Started:
-    def __init__(self, logs: Path):
-        self.logs, self.procs = logs, []
-        logs.mkdir(parents=True, exist_ok=True)
-
-    def start(self, name, argv, env, cwd) -> subprocess.Popen:
-        out = open(self.logs / f"{name}.log", "ab")
-        proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        self.procs.append(proc)
-        return proc
-
-    def log(self, name) -> str:
-        path = self.logs / f"{name}.log"
-        return path.read_text(errors="replace")[-4000:] if path.exists() else ""
-
-    def stop_all(self) -> None:
-        from server import flwr_cli
-
-        for proc in reversed(self.procs):
-            flwr_cli.stop(proc, grace=5.0)  # the process group this test started, by id
-
-
-def free_port() -> int:
-    from server import flwr_cli
-
-    return flwr_cli.free_port()
 
 
 def http_probe(probe: dict, port: int) -> int | None:
@@ -139,7 +111,7 @@ def http_probe(probe: dict, port: int) -> int | None:
         return None
 
 
-def wait_for(predicate, timeout, what, procs: Started, poll=0.5):
+def wait_for(predicate, timeout, what, procs: loopback.Processes, poll=0.5):
     return loopback.wait_for(predicate, timeout, what, poll, details=lambda: "\n".join(
         f"--- {p.name}\n{procs.log(p.stem)}" for p in sorted(procs.logs.glob("*.log"))))
 
@@ -150,12 +122,12 @@ def _by(objects, kind, name):
 
 @pytest.fixture
 def started(tmp_path):
-    procs = Started(tmp_path / "logs")
+    procs = loopback.Processes(tmp_path / "logs")
     yield procs
     procs.stop_all()
 
 
-def bring_up(tmp_path: Path, started: Started) -> dict:
+def bring_up(tmp_path: Path, started: loopback.Processes) -> dict:
     """SuperLink, key registration and site0's SuperNode from the rendered manifests; returns what they used."""
     from histodiff.data.phantom import write_phantom_site
 
@@ -164,7 +136,7 @@ def bring_up(tmp_path: Path, started: Started) -> dict:
     site_objs = render.render(K8S / "overlays" / site)
     service = _by(coordinator, "Service", "histodiff-superlink")
     service_port = str(service["spec"]["ports"][0]["port"])
-    link_port, node_port = free_port(), free_port()
+    link_port, node_port = flwr_cli.free_port(), flwr_cli.free_port()
     loopback = f"127.0.0.1:{link_port}"
 
     # credentials with the project's own command, as the README creates them

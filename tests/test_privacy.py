@@ -115,15 +115,6 @@ def test_central_dp_noise_accounting_and_client_clipping(tmp_path):
     again = CentralDP(2.0, 0.5, 1e-5, 6.0, 3)
     again.load_state_dict(state)
     assert again.summary()["epsilon"] == pytest.approx(eps[1])
-    # Strategy-API runs: Flower's own wrapper, with the same accountant
-    from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, FedAvg
-
-    from histodiff.config import compose
-    from strategies.privacy import flower_dp_strategy
-
-    cfg = compose(["profile=tiny", "privacy.dp=true", "privacy.mode=central", "privacy.noise_multiplier=2.0"])
-    wrapped = flower_dp_strategy(FedAvg(), cfg, num_sampled_clients=3, population_size=3)
-    assert isinstance(wrapped, DifferentialPrivacyClientSideFixedClipping) and wrapped.accountant is not None
     with pytest.raises(FlowerExhausted):
         for _ in range(100):
             again.check_budget(3)

@@ -78,5 +78,5 @@ def test_dp_training_still_reduces_the_loss(phantom_tiles, tmp_path):
 
     cfg = compose([*TINY, "tiles.batch_size=8", "privacy.noise_multiplier=0.3", "privacy.target_epsilon=1e6", "dm.lr=1e-3", "dm.warmup_steps=5"])
     ae = build_autoencoder(cfg.lae).eval()
-    losses = [dp_train_dm_steps(cfg, phantom_tiles, tmp_path, 8, ae, 1.0).metrics["loss"] for _ in range(3)]
+    losses = [dp_train_dm_steps(cfg, phantom_tiles, tmp_path / "dm", 8, ae, 1.0).metrics["loss"] for _ in range(3)]
     assert losses[-1] < 0.95 * losses[0], losses

@@ -26,22 +26,22 @@ BASE = "weights.perceptual=random lae.perceptual_weight=0 tiles.batch_size=4 til
 def _protocol(updates, weights, drop_after_shares=(), params=SecAggParams(), equal=False):
     """Run the four stages with SiteSecAgg / SecureSum objects (no messages); returns (server, mean, masked uploads)."""
     server = SecureSum(params, "r1", SHAPES)
-    sites = {n: SiteSecAgg(RecordDict(), n) for n in updates}
+    sites = {n: SiteSecAgg(RecordDict(), n, "r1") for n in updates}
     for n, site in sites.items():
-        server.add_keys(n, site.keys("r1", weights[n]))
+        server.add_keys(n, site.keys(weights[n]))
     request = server.share_request()
     for n, site in sites.items():
-        server.add_shares(n, site.shares("r1", request))
+        server.add_shares(n, site.shares(request))
     uploads = {}
     for n in server.sharers:
         forward = server.forward(n, equal_weights=equal)
-        sites[n].receive("r1", forward)
+        sites[n].receive(forward)
         if n in drop_after_shares:
             continue
-        uploads[n], _ = sites[n].mask("r1", updates[n], int(forward["weight"]), params)
+        uploads[n], _ = sites[n].mask(updates[n], params)
         server.add_masked(n, uploads[n])
     unmask = server.unmask_request()
-    mean, _ = server.unmask({n: sites[n].unmask("r1", unmask) for n in server.masked})
+    mean = server.unmask({n: sites[n].unmask(unmask) for n in server.masked})
     return server, sites, mean, uploads
 
 
@@ -80,32 +80,32 @@ def test_equal_weights_and_clipping_range():
 def test_sites_refuse_unsafe_requests():
     updates, weights = _updates([1, 2, 3]), {1: 1, 2: 1, 3: 1}
     server = SecureSum(SecAggParams(), "r1", SHAPES)
-    sites = {n: SiteSecAgg(RecordDict(), n) for n in updates}
+    sites = {n: SiteSecAgg(RecordDict(), n, "r1") for n in updates}
     for n, site in sites.items():
-        server.add_keys(n, site.keys("r1", weights[n]))
+        server.add_keys(n, site.keys(weights[n]))
     request = server.share_request()
     with pytest.raises(SecAggError, match="threshold 1"):  # a server that could unmask one site alone
-        sites[1].shares("r1", {**dict(request), "threshold": 1})
+        sites[1].shares({**dict(request), "threshold": 1})
     with pytest.raises(SecAggError, match="below this site's 3"):  # fewer colluders than the site agreed to
-        sites[1].shares("r1", {**dict(request), "threshold": 2}, SecAggParams(threshold_fraction=1.0))
+        sites[1].shares({**dict(request), "threshold": 2}, SecAggParams(threshold_fraction=1.0))
     with pytest.raises(SecAggError, match="own public keys"):  # keys swapped by the server
-        sites[1].shares("r1", {**dict(request), "pk2": list(reversed(request["pk2"]))})
+        sites[1].shares({**dict(request), "pk2": list(reversed(request["pk2"]))})
     with pytest.raises(SecAggError, match="no secure round r2"):
-        sites[1].shares("r2", request)
+        SiteSecAgg(sites[1].state, 1, "r2").shares(request)
     for n, site in sites.items():
-        server.add_shares(n, site.shares("r1", request))
+        server.add_shares(n, site.shares(request))
     for n in updates:
         forward = server.forward(n, equal_weights=True)
-        sites[n].receive("r1", forward)
-        server.add_masked(n, sites[n].mask("r1", updates[n], int(forward["weight"]), SecAggParams())[0])
+        sites[n].receive(forward)
+        server.add_masked(n, sites[n].mask(updates[n], SecAggParams())[0])
     with pytest.raises(SecAggError, match="both survivor and dropout"):  # would hand out seed and key of site 2
-        sites[1].unmask("r1", {"active": [1, 2, 3], "dead": [2]})
+        sites[1].unmask({"active": [1, 2, 3], "dead": [2]})
     with pytest.raises(SecAggError, match="partition"):
-        sites[1].unmask("r1", {"active": [1, 3], "dead": []})
-    reply = sites[1].unmask("r1", {"active": [1, 2, 3], "dead": []})
+        sites[1].unmask({"active": [1, 3], "dead": []})
+    reply = sites[1].unmask({"active": [1, 2, 3], "dead": []})
     assert list(reply["seed-nodes"]) == [1, 2, 3] and list(reply["sk-nodes"]) == []
     with pytest.raises(SecAggError, match="no secure round"):  # only once: the secrets are gone
-        sites[1].unmask("r1", {"active": [1, 2], "dead": [3]})
+        sites[1].unmask({"active": [1, 2], "dead": [3]})
     plain = to_record({**updates[1], WEIGHT_KEY: torch.ones(1)})  # an unmasked upload is refused whole
     with pytest.raises(SecAggError, match="expected uint32"):
         server.add_masked(9, plain)
@@ -171,9 +171,8 @@ def _run(tmp_path, name, overrides, n=3, drop=(), status="done", **extra):
           "work-root": str(tmp_path / "sites"), "run-name": name, "phantom-per-class": 1, "labeled-partitions": "",
           "augment": False, "deliver": False, **extra}
     grid = Grid(app, {10 + i: {"partition-id": i, "num-partitions": n} for i in range(n)}, rc, drop=drop)
-    s = Settings.from_run_config(rc)
     lines = []
-    fed = Federation(grid, s, compose(s.config_overrides()), emit=lines.append)
+    fed = Federation.from_run_config(grid, rc, emit=lines.append)
     state = fed.run()
     assert state.status == status, (state.message, lines)
     return fed, grid, read_metrics(tmp_path / name)
@@ -193,7 +192,7 @@ def captured(monkeypatch):
     original = client_app._masked
 
     def capture(cfg, secure, update, stats=False):
-        out.append((stats, secure[2], {k: v.clone() for k, v in update.items()}))
+        out.append((stats, secure.weight, {k: v.clone() for k, v in update.items()}))
         return original(cfg, secure, update, stats)
 
     monkeypatch.setattr(client_app, "_masked", capture)

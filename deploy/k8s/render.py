@@ -227,9 +227,10 @@ def pod_spec(obj: dict) -> dict | None:
     return None
 
 
-def containers(obj: dict, init: bool = True) -> list[dict]:
+def containers(obj: dict) -> list[dict]:
+    """The init containers and containers of a workload object."""
     spec = pod_spec(obj) or {}
-    return (spec.get("initContainers", []) if init else []) + spec.get("containers", [])
+    return spec.get("initContainers", []) + spec.get("containers", [])
 
 
 def expand_env(text: str, env: dict[str, str]) -> str:

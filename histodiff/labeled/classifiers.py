@@ -39,4 +39,6 @@ def load_classifier(out: Path) -> tuple[torch.nn.Module, dict]:
 
 def train_site_classifier(cfg, clf_cfg, train_set: Dataset, val_set: Dataset, num_classes: int, seed: int,
                           name: str) -> TrainedClassifier:
-    return train_classifier(clf_cfg, cfg.train, train_set, val_set, num_classes, seed, cfg.tiles.batch_size, name)
+    """``train_classifier`` with the site's batch size and data-loading workers."""
+    return train_classifier(clf_cfg, cfg.train, train_set, val_set, num_classes, seed, cfg.tiles.batch_size, name,
+                            cfg.tiles.num_workers)

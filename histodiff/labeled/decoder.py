@@ -94,6 +94,6 @@ def finetune_decoder(cfg, autoencoder, phi, phi_img_size: int, train_set: Datase
                              a.decoder_lr, a.decoder_steps)
     batch = min(cfg.tiles.batch_size, len(train_set))
     trainer = make_trainer(cfg.train, a.decoder_steps, progress=False)
-    trainer.fit(module, step_loader(train_set, batch, a.decoder_steps, cfg.seed))
+    trainer.fit(module, step_loader(train_set, batch, a.decoder_steps, cfg.seed, cfg.tiles.num_workers))
     autoencoder.requires_grad_(False).eval()
     return {k: v / a.decoder_steps for k, v in module.sums.items()}

@@ -36,16 +36,23 @@ def generate_candidates(cfg, unet, scheduler, latent_classifier, autoencoder, sc
         log.info("guided sampling: %d/%d candidates (%.2f tiles/s, g=%.2f, %d DDIM steps, eta %.2f)", done, total,
                  rate, dm.guidance_scale, dm.ddim_steps, dm.eta)
 
-    z = sample_classes(unet, scheduler, latent_classifier, scheduler.alphas_cumprod, labels, seeds, dm.ddim_steps,
-                       dm.guidance_scale, dm.eta, a.sample_batch_size, progress)
-    images = decode_latents(autoencoder, z, scale_factor, batch_size=a.sample_batch_size)
+    # sample, decode and write one batch at a time: nothing of the whole candidate set is held in memory, and the
+    # tiles written so far stay on disk if the stage is interrupted
+    bs = a.sample_batch_size
     records, per_class = [], {c: 0 for c in counts}
-    for img, c, seed in zip(images, labels, seeds):
-        name = classes[c]
-        rel = f"{name}/{name}_{per_class[c]:05d}.png"
-        per_class[c] += 1
-        (out / name).mkdir(parents=True, exist_ok=True)
-        Image.fromarray(to_uint8_image(img)).save(out / rel)
-        records.append({"path": rel, "class": name, "label": c, "seed": seed, "guidance_scale": float(dm.guidance_scale),
-                        "ddim_steps": int(dm.ddim_steps), "eta": float(dm.eta)})
+    for start in range(0, len(labels), bs):
+        batch_labels, batch_seeds = labels[start:start + bs], seeds[start:start + bs]
+        z = sample_classes(unet, scheduler, latent_classifier, scheduler.alphas_cumprod, batch_labels, batch_seeds,
+                           dm.ddim_steps, dm.guidance_scale, dm.eta, bs)
+        images = decode_latents(autoencoder, z, scale_factor, batch_size=bs).cpu()
+        for img, c, seed in zip(images, batch_labels, batch_seeds):
+            name = classes[c]
+            rel = f"{name}/{name}_{per_class[c]:05d}.png"
+            per_class[c] += 1
+            (out / name).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(to_uint8_image(img)).save(out / rel)
+            records.append({"path": rel, "class": name, "label": c, "seed": seed,
+                            "guidance_scale": float(dm.guidance_scale), "ddim_steps": int(dm.ddim_steps),
+                            "eta": float(dm.eta)})
+        progress(start + len(batch_labels), len(labels))
     return records

@@ -282,7 +282,7 @@ class Pipeline:
         shown = max(selections, key=lambda s: len(s.indices)).indices if selections else []
         entries = self.inp.labeled.index.entries
         for c, name in enumerate(self.classes):
-            real = [self.inp.labeled[i][0] for i in range(len(entries)) if entries[i][1] == c][:n]
+            real = [self.inp.labeled[i][0] for i in [i for i, e in enumerate(entries) if e[1] == c][:n]]
             picks = [i for i in shown if cand.index.entries[i][1] == c] or \
                     [i for i in range(len(cand)) if cand.index.entries[i][1] == c]
             syn = [cand[i][0] for i in picks[:n]]

@@ -18,22 +18,28 @@ def setting_name(kind: str, ratio: float) -> str:
     return f"{kind}_{round(ratio * 100)}"
 
 
+def memorised(cfg, scores: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The memorisation guard: candidates too close to a real training tile, in features or in pixels."""
+    a = cfg.augment
+    return (scores["feature_nn"] < a.feature_threshold) | (scores["pixel_nn"] < a.pixel_threshold)
+
+
 def make_selections(cfg, scores: dict[str, torch.Tensor], train_counts: dict[int, int],
                     class_names: list[str] | None = None) -> list[Selection]:
     a = cfg.augment
-    memorised = (scores["feature_nn"] < a.feature_threshold) | (scores["pixel_nn"] < a.pixel_threshold)
+    guard = memorised(cfg, scores)
     cand = CandidateScores(scores["target"], scores["confidence"], scores["dist_own"], scores["nearest_class"],
                            scores["nearest_other"], scores["dist_other"])
-    out = [select_random(setting_name("random", r), scores["target"], quotas(train_counts, r), memorised, cfg.seed)
+    out = [select_random(setting_name("random", r), scores["target"], quotas(train_counts, r), guard, cfg.seed)
            for r in a.random_ratios]
-    out += [select_selective(setting_name("selective", r), cand, a.tau, quotas(train_counts, r), memorised, class_names)
+    out += [select_selective(setting_name("selective", r), cand, a.tau, quotas(train_counts, r), guard, class_names)
             for r in a.ratios]
     return out
 
 
 def write_manifest(path: Path, records: list[dict], scores: dict[str, torch.Tensor], selections: list[Selection],
                    classes: list[str], cfg) -> None:
-    a = cfg.augment
+    guard = memorised(cfg, scores)
     chosen = {s.name: set(s.indices) for s in selections}
     # the widest selective row explains the filter best; the random rows otherwise
     explain = sorted(selections, key=lambda s: (s.name.startswith("selective"), len(s.indices)))[-1] if selections else None
@@ -42,7 +48,6 @@ def write_manifest(path: Path, records: list[dict], scores: dict[str, torch.Tens
         writer = csv.DictWriter(fh, fieldnames=MANIFEST_COLUMNS)
         writer.writeheader()
         for i, rec in enumerate(records):
-            memorised = bool(scores["feature_nn"][i] < a.feature_threshold or scores["pixel_nn"][i] < a.pixel_threshold)
             settings = [name for name, idx in chosen.items() if i in idx]
             why = [f"{explain.name}: {explain.reasons.get(i, '')}"] if explain is not None else []
             # a tile the random control took is explained by that too (it passed no filter)
@@ -57,7 +62,7 @@ def write_manifest(path: Path, records: list[dict], scores: dict[str, torch.Tens
                 "nearest_centroid": classes[int(scores["nearest_class"][i])],
                 "nn_real_feature_dist": f"{float(scores['feature_nn'][i]):.4f}",
                 "nn_real_pixel_rms": f"{float(scores['pixel_nn'][i]):.4f}",
-                "memorised": "yes" if memorised else "no",
+                "memorised": "yes" if bool(guard[i]) else "no",
                 "selected": "yes" if settings else "no", "selected_in": ";".join(settings), "why": "; ".join(why),
             })
     tmp.replace(path)

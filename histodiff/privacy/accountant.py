@@ -28,6 +28,16 @@ def _one_step_rdp(noise_multiplier: float, sample_rate: float):
                                 orders=RDPAccountant.DEFAULT_ALPHAS)
 
 
+
+def secret_generator(device="cpu"):
+    """A torch generator seeded from the OS. DP noise and Poisson sampling must not be predictable from the run
+    config: its seed comes from the server and is the same at every site."""
+    import secrets
+
+    import torch
+
+    return torch.Generator(device=device).manual_seed(secrets.randbits(63))
+
 class PrivacyBudgetExhausted(RuntimeError):
     """A site refuses to train: the next steps would spend more than its target epsilon. One-line message."""
 
@@ -192,13 +202,17 @@ class SiteAccountant:
                 "dp-noise-multiplier": float(self.noise_multiplier or 0.0),
                 "dp-max-grad-norm": float(self.max_grad_norm or 0.0), "dp-sample-rate": float(self.sample_rate or 0.0),
                 "dp-steps": float(self.total_steps),
-                "dp-exhausted": float(self.remaining_steps() == 0)}
+                "dp-exhausted": float(self.exhausted())}
+
+    def exhausted(self) -> bool:
+        """Not even one more DP step fits in the budget (what ``remaining_steps() == 0`` means, without the search)."""
+        return self.noise_multiplier is not None and self.epsilon(1) > self.target_epsilon
 
     def remaining_steps(self, limit: int = 10**7) -> int:
         """How many more DP steps fit in the budget (binary search over the RDP bound)."""
         if self.noise_multiplier is None:
             return limit
-        if self.epsilon(1) > self.target_epsilon:
+        if self.exhausted():
             return 0
         lo, hi = 1, 1
         while hi < limit and self.epsilon(hi) <= self.target_epsilon:

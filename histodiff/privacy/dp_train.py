@@ -25,7 +25,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from histodiff.privacy.accountant import SiteAccountant
+from histodiff.privacy.accountant import SiteAccountant, secret_generator
 from histodiff.training.common import on_gpu, seed_everything
 from histodiff.training.local import (
     LocalResult,
@@ -73,9 +73,9 @@ def sample_rate(cfg, dataset) -> float:
     return min(1.0, cfg.tiles.batch_size / max(1, len(dataset)))
 
 
-def poisson_batches(dataset, q: float, steps: int, seed: int) -> Iterator[torch.Tensor | None]:
+def poisson_batches(dataset, q: float, steps: int) -> Iterator[torch.Tensor | None]:
     """Each tile joins each batch independently with probability q (what the RDP analysis assumes); None: empty."""
-    generator = torch.Generator().manual_seed(seed)
+    generator = secret_generator()
     n = len(dataset)
     for _ in range(steps):
         idx = (torch.rand(n, generator=generator) < q).nonzero().flatten().tolist()
@@ -88,7 +88,8 @@ def open_accountant(cfg, state_dir: Path, accountant_dir: Path | None) -> SiteAc
     return SiteAccountant.load_or_create(Path(accountant_dir or Path(state_dir).parent), p.target_epsilon, p.delta)
 
 
-def _make_private(module: nn.Module, optimizer, noise: float, max_grad_norm: float, expected_batch: int):
+def _make_private(module: nn.Module, optimizer, noise: float, max_grad_norm: float, expected_batch: int,
+                  device: torch.device | str = "cpu"):
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
     from opacus.validators import ModuleValidator
@@ -98,7 +99,8 @@ def _make_private(module: nn.Module, optimizer, noise: float, max_grad_norm: flo
         raise ValueError(f"model cannot be trained with DP-SGD: {errors[0]}")
     gsm = GradSampleModule(module, batch_first=True, loss_reduction="mean")  # hooks mode
     dpo = DPOptimizer(optimizer, noise_multiplier=noise, max_grad_norm=max_grad_norm,
-                      expected_batch_size=max(1, expected_batch), loss_reduction="mean")
+                      expected_batch_size=max(1, expected_batch), loss_reduction="mean",
+                      generator=secret_generator(device))
     return gsm, dpo
 
 
@@ -124,74 +126,62 @@ def _finish(gsm, dpo) -> None:
     gsm.remove_hooks()  # the inner module is saved and reused without opacus
 
 
-def _run(cfg, dataset, state_dir, steps, accountant_dir, site, phase, step0: int):
-    """Accountant, budget check and the noise multiplier for ``steps`` DP steps from ``step0``."""
+def _run(cfg, dataset, state_dir, steps, accountant_dir, site, phase):
+    """Accountant, budget check and the noise multiplier for ``steps`` DP steps; the steps are charged (and saved)
+    before any training, so a crash can only over-count the spend, never under-count it."""
     acc = open_accountant(cfg, state_dir, accountant_dir)
     p = cfg.privacy
     q = sample_rate(cfg, dataset)
     noise = acc.fix_mechanism(q, p.max_grad_norm, p.noise_multiplier, p.planned_steps)
     acc.check_budget(steps, site)  # raises PrivacyBudgetExhausted before touching the state
+    acc.record_steps(phase, steps)
+    acc.save()
     log.info("DP %s: sigma=%.4g C=%g q=%.4g, epsilon %.3f of %g before %d steps", phase, noise, p.max_grad_norm,
              q, acc.epsilon(), p.target_epsilon, steps)
-    return acc, noise, q, poisson_batches(dataset, q, steps, cfg.seed + step0)
+    return acc, noise, q, poisson_batches(dataset, q, steps)
 
 
 def _close_round(acc: SiteAccountant, phase: str, steps: int, weights: dict[str, torch.Tensor], seconds: float,
                  metrics: dict[str, float]) -> dict[str, float]:
-    acc.record_steps(phase, steps)
     acc.record_round(phase, steps, arrays=len(weights), bytes=int(sum(v.numel() * v.element_size()
                                                                    for v in weights.values())), seconds=seconds)
     acc.save()
     return {**metrics, **acc.metrics()}
 
 
-def _no_callbacks(callbacks) -> None:
-    if callbacks:
-        raise ValueError("Lightning callbacks (e.g. FedProx's proximal term) do not apply to the DP-SGD loop")
-
-
 def dp_train_lae_steps(cfg, dataset, state_dir: Path, steps: int, init_weights: dict[str, torch.Tensor] | None = None,
-                       accountant_dir: Path | None = None, site: str = "site", progress: bool | None = None,
-                       callbacks: list | None = None) -> LocalResult:
-    """``steps`` DP-SGD steps of the autoencoder (L1 + LPIPS + KL; see the module doc for the GAN term).
-
-    ``progress`` is accepted for signature parity and ignored (no progress bar in the DP loop)."""
+                       accountant_dir: Path | None = None, site: str = "site") -> LocalResult:
+    """``steps`` DP-SGD steps of the autoencoder (L1 + LPIPS + KL; see the module doc for the GAN term)."""
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
     from histodiff.training.lae import LAEModule
 
-    _no_callbacks(callbacks)
     state_dir = Path(state_dir)
     start = time.time()
+    # a site past its budget refuses before it builds or loads anything
+    acc, noise, q, batches = _run(cfg, dataset, state_dir, steps, accountant_dir, site, "lae")
     module = LAEModule(cfg)
     load_lae_state(module, state_dir)
     if init_weights:
         _load_prefixed("autoencoder", module.autoencoder, init_weights)
         _load_prefixed("discriminator", module.discriminator, init_weights)
-    acc, noise, q, batches = _run(cfg, dataset, state_dir, steps, accountant_dir, site, "lae", module.step)
     seed_everything(cfg.seed + module.step)
     if module.step + steps > cfg.lae.disc_start:
         log.warning("DP LAE: the adversarial term stays off under DP (lae.disc_start=%d is ignored)", cfg.lae.disc_start)
 
-    lae = cfg.lae
     device = _device(cfg)
     module.to(device)
-    opt_g = torch.optim.Adam(module.autoencoder.parameters(), lr=lae.lr, betas=tuple(lae.betas))
-    opt_d_state = torch.optim.Adam(module.discriminator.parameters(), lr=lae.lr).state_dict()
-    if module.optimizer_state:
-        opt_g.load_state_dict(module.optimizer_state[0])
-        opt_d_state = module.optimizer_state[1]
+    opt_g, opt_d = module.configure_optimizers()  # the discriminator's, untouched under DP, is saved as it was
     module.train()
     gsm, dpo = _make_private(_AutoencoderForward(module.autoencoder), opt_g, noise, cfg.privacy.max_grad_norm,
-                             round(q * len(dataset)))
-    disc_start = module.loss.disc_start
-    module.loss.disc_start = 2**62  # adversarial factor 0: no autograd.grad, no discriminator forward
+                             round(q * len(dataset)), device)
 
     def loss_fn(x):
         x = x.to(device, non_blocking=True)
         x_hat, moments = gsm(x)
+        # adversarial term off: no autograd.grad through hooked layers, no discriminator forward
         loss, logs = module.loss.generator_loss(x, x_hat, DiagonalGaussianDistribution(moments), module.step,
-                                                last_layer=None)
+                                                last_layer=None, adversarial=False)
         return loss, logs
 
     sums, count = defaultdict(float), 0
@@ -204,11 +194,10 @@ def dp_train_lae_steps(cfg, dataset, state_dir: Path, steps: int, init_weights: 
                     sums[k] += float(v)
                 count += 1
     finally:
-        module.loss.disc_start = disc_start
         _finish(gsm, dpo)
     module.optimizer_state = None
     module.cpu()
-    save_lae_state(module, state_dir, [opt_g, opt_d_state])
+    save_lae_state(module, state_dir, [opt_g, opt_d])
     weights = lae_shared_weights(module, cfg.lae.share_discriminator)
     metrics = {k: v / max(1, count) for k, v in sums.items()}
     metrics = _close_round(acc, "lae", steps, weights, time.time() - start, metrics)
@@ -217,19 +206,17 @@ def dp_train_lae_steps(cfg, dataset, state_dir: Path, steps: int, init_weights: 
 
 def dp_train_dm_steps(cfg, dataset, state_dir: Path, steps: int, autoencoder, scale_factor: float,
                       init_weights: dict[str, torch.Tensor] | None = None, accountant_dir: Path | None = None,
-                      site: str = "site", progress: bool | None = None, callbacks: list | None = None) -> LocalResult:
+                      site: str = "site") -> LocalResult:
     """``steps`` DP-SGD steps of the UNet on frozen, globally scaled latents (same state as ``train_dm_steps``)."""
-    from histodiff.losses import eps_loss
-    from histodiff.training.dm import DMModule, build_dm_optimizer
+    from histodiff.training.dm import DMModule, build_dm_optimizer, diffusion_loss
 
-    _no_callbacks(callbacks)
     state_dir = Path(state_dir)
     start = time.time()
+    acc, noise, q, batches = _run(cfg, dataset, state_dir, steps, accountant_dir, site, "dm")
     module = DMModule(cfg, autoencoder, scale_factor)
     load_dm_state(module, state_dir)
     if init_weights:
         _load_prefixed("unet", module.unet, init_weights)
-    acc, noise, q, batches = _run(cfg, dataset, state_dir, steps, accountant_dir, site, "dm", module.step)
     seed_everything(cfg.seed + module.step)
 
     dm = cfg.dm
@@ -239,14 +226,11 @@ def dp_train_dm_steps(cfg, dataset, state_dir: Path, steps: int, autoencoder, sc
     module.ema.to(device)
     opt, sched = build_dm_optimizer(module.unet, dm, module.optimizer_state)
     module.unet.train()
-    gsm, dpo = _make_private(_UNetForward(module.unet), opt, noise, cfg.privacy.max_grad_norm, round(q * len(dataset)))
-    T = module.noise_scheduler.config.num_train_timesteps
+    gsm, dpo = _make_private(_UNetForward(module.unet), opt, noise, cfg.privacy.max_grad_norm, round(q * len(dataset)),
+                             device)
 
     def loss_fn(x):
-        z0 = module.encode(x.to(device, non_blocking=True))
-        eps = torch.randn_like(z0)
-        t = torch.randint(0, T, (z0.shape[0],), device=device)
-        loss = eps_loss(gsm(module.noise_scheduler.add_noise(z0, eps, t), t).float(), eps, dm.loss)
+        loss = diffusion_loss(gsm, module.noise_scheduler, module.encode(x.to(device, non_blocking=True)), dm.loss)
         return loss, {"loss": loss.detach()}
 
     sums, count = defaultdict(float), 0
@@ -269,23 +253,3 @@ def dp_train_dm_steps(cfg, dataset, state_dir: Path, steps: int, autoencoder, sc
     metrics = {"loss": sums["loss"] / max(1, count), "lr": sums["lr"] / max(1, steps)}
     metrics = _close_round(acc, "dm", steps, weights, time.time() - start, metrics)
     return LocalResult(weights=weights, metrics=metrics, num_examples=len(dataset), step=module.step)
-
-
-def train_steps(cfg, phase: str, *args, **kwargs) -> LocalResult:
-    """The DP function for ``phase`` when ``privacy.dp`` and mode=local, else the ordinary one (same signature)."""
-    private = bool(cfg.privacy.dp) and cfg.privacy.mode == "local"
-    if phase == "lae":
-        if private:
-            return dp_train_lae_steps(cfg, *args, **kwargs)
-        from histodiff.training.local import train_lae_steps
-
-        kwargs.pop("accountant_dir", None), kwargs.pop("site", None)
-        return train_lae_steps(cfg, *args, **kwargs)
-    if phase == "dm":
-        if private:
-            return dp_train_dm_steps(cfg, *args, **kwargs)
-        from histodiff.training.local import train_dm_steps
-
-        kwargs.pop("accountant_dir", None), kwargs.pop("site", None)
-        return train_dm_steps(cfg, *args, **kwargs)
-    raise ValueError(f"phase {phase!r}; expected lae or dm")

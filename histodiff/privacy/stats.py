@@ -13,10 +13,9 @@ import math
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 
-from histodiff.privacy.accountant import SiteAccountant
-from histodiff.training.latent_stats import LatentStats
+from histodiff.privacy.accountant import SiteAccountant, secret_generator
+from histodiff.training.latent_stats import LatentStats, encoded_latents
 
 
 @torch.no_grad()
@@ -31,19 +30,16 @@ def dp_latent_stats(cfg, autoencoder, dataset, accountant_dir: Path, site: str =
                          "or set privacy.noise_multiplier)")
     acc.check_budget(1, site, release=(sigma, 1.0))
     bound = float(p.latent_clip)
-    autoencoder = autoencoder.eval()
-    gen = torch.Generator().manual_seed(seed)
     s = sq = 0.0
     n_tiles = numel = 0
-    for x, _ in DataLoader(dataset, batch_size=cfg.tiles.batch_size, shuffle=False):
-        z = autoencoder.encode(x).latent_dist.sample(generator=gen).double().clamp(-bound, bound)
-        flat = z.flatten(1)
+    for z in encoded_latents(autoencoder, dataset, cfg.tiles.batch_size, seed=seed):
+        flat = z.double().clamp(-bound, bound).flatten(1)
         s += float(flat.mean(1).sum())
         sq += float((flat * flat).mean(1).sum())
         n_tiles += flat.shape[0]
         numel = flat.shape[1]
     sensitivity = math.sqrt(bound**2 + bound**4)
-    noise = torch.randn(2, generator=gen, dtype=torch.float64) * sigma * sensitivity
+    noise = torch.randn(2, generator=secret_generator(), dtype=torch.float64) * sigma * sensitivity  # not from `seed`
     s, sq = s + float(noise[0]), max(sq + float(noise[1]), 0.0)
     acc.record_release("latent-stats", sigma)
     acc.record_round("latent-stats", 1, statistics=3, bytes=24, latent_clip=bound, sensitivity=sensitivity)

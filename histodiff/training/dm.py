@@ -24,6 +24,13 @@ def build_dm_optimizer(unet, dm_cfg, saved: dict | None = None):
     return opt, sched
 
 
+def diffusion_loss(eps_model, noise_scheduler, z0: torch.Tensor, kind: str) -> torch.Tensor:
+    """Paper eq. 3: the noise-prediction loss at t ~ U{0..T-1}; ``eps_model(z_t, t)`` returns the predicted noise."""
+    noise = torch.randn_like(z0)
+    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (z0.shape[0],), device=z0.device)
+    return eps_loss(eps_model(noise_scheduler.add_noise(z0, noise, t), t).float(), noise.float(), kind)
+
+
 class DMModule(L.LightningModule):
     """Paper eq. 3 on z_0 = scale_factor * E(x); the encoder is frozen and not part of the module's state."""
 
@@ -58,12 +65,8 @@ class DMModule(L.LightningModule):
         return self.autoencoder.encode(x).latent_dist.sample() * self.scale_factor
 
     def _common_step(self, x: torch.Tensor) -> torch.Tensor:
-        z0 = self.encode(x)
-        noise = torch.randn_like(z0)
-        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (z0.shape[0],), device=z0.device)
-        zt = self.noise_scheduler.add_noise(z0, noise, t)
-        pred = self.unet(zt, t).sample
-        return eps_loss(pred.float(), noise.float(), self.cfg.dm.loss)
+        return diffusion_loss(lambda zt, t: self.unet(zt, t).sample, self.noise_scheduler, self.encode(x),
+                              self.cfg.dm.loss)
 
     def training_step(self, batch, batch_idx):
         loss = self._common_step(batch[0])

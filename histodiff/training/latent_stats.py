@@ -61,14 +61,14 @@ def latent_moments(latents) -> LatentStats:
 
 
 @torch.no_grad()
-def compute_latent_stats(autoencoder, dataset, batch_size: int = 16, device: str | torch.device = "cpu", seed: int = 0) -> LatentStats:
-    """Encode every tile once (posterior samples, as the DM sees them) and return the moments."""
+def encoded_latents(autoencoder, dataset, batch_size: int = 16, device: str | torch.device = "cpu", seed: int = 0):
+    """Every tile encoded once, batch by batch: posterior samples, as the DM sees them (unscaled)."""
     autoencoder = autoencoder.eval().to(device)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     gen = torch.Generator(device=device).manual_seed(seed)
+    for x, _ in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        yield autoencoder.encode(x.to(device)).latent_dist.sample(generator=gen)
 
-    def stream():
-        for x, _ in loader:
-            yield autoencoder.encode(x.to(device)).latent_dist.sample(generator=gen)
 
-    return latent_moments(stream())
+def compute_latent_stats(autoencoder, dataset, batch_size: int = 16, device: str | torch.device = "cpu", seed: int = 0) -> LatentStats:
+    """Encode every tile once and return the moments."""
+    return latent_moments(encoded_latents(autoencoder, dataset, batch_size, device, seed))

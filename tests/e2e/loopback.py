@@ -38,11 +38,18 @@ class Processes:
     def __init__(self, logs: Path):
         self.logs, self.procs = logs, []
 
-    def start(self, name: str, cmd: list[str], **kw) -> subprocess.Popen:
-        proc = flwr_cli.start(cmd, flwr_cli.flower_env(kw.pop("flwr_home", None)), self.logs / f"{name}.log",
-                              cwd=kw.pop("cwd", REPO))
+    def start(self, name: str, cmd: list[str], env: dict | None = None, cwd: Path | str = REPO,
+              flwr_home: Path | None = None) -> subprocess.Popen:
+        """``env``: exactly this environment (default: Flower's, see ``flwr_cli.flower_env``)."""
+        proc = flwr_cli.start(cmd, env if env is not None else flwr_cli.flower_env(flwr_home),
+                              self.logs / f"{name}.log", cwd=cwd)
         self.procs.append(proc)
         return proc
+
+    def log(self, name: str) -> str:
+        """The last 4000 characters of a process's log."""
+        path = self.logs / f"{name}.log"
+        return path.read_text(errors="replace")[-4000:] if path.exists() else ""
 
     def supernode(self, name: str, data: Path, superlink: str, certs: Path | None, key: Path | None,
                   work: Path) -> subprocess.Popen:

@@ -116,4 +116,6 @@ def test_server_killed_and_resumed(tmp_path, procs):
     phases = [m["phase"] for m in read_metrics(run_dir)]
     assert phases[-2:] == ["latent-stats", "dm"] and phases.count("lae") == 2
     log = (tmp_path / "logs" / "resumed.log").read_text()
-    assert "resumed" in log and "perceptual=0 " in log  # the resumed run kept the original run config
+    assert "resumed" in log
+    kept = json.loads((run_dir / "coordinator.json").read_text())["config"]
+    assert "perceptual_weight=0" in kept  # the resumed run kept the original run config
