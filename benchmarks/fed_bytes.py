@@ -13,14 +13,14 @@ import torch
 
 
 def paper_sizes() -> dict[str, int]:
-    from client.outbox import phase_arrays
+    from wire.contract import phase_shapes
     from histodiff.config import compose
 
     cfg = compose(["profile=paper"])
     sizes = {}
     for phase in ("lae", "dm"):
         numel = 0
-        for shape in phase_arrays(cfg, phase).values():
+        for shape in phase_shapes(cfg, phase).values():
             n = 1
             for s in shape:
                 n *= s
@@ -35,7 +35,7 @@ def run(dtype: str) -> list[dict]:
     from client.client_app import app
     from strategies.checkpoint import read_metrics
     from strategies.federation import Federation
-    from strategies.inprocess import InProcessGrid
+    from tests.inprocess_grid import InProcessGrid
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     d = tempfile.mkdtemp(prefix="fedbytes")
@@ -48,11 +48,11 @@ def run(dtype: str) -> list[dict]:
 
 
 def main() -> int:
-    from client.outbox import phase_arrays
+    from wire.contract import phase_shapes
     from histodiff.config import compose
 
     cfg = compose(["profile=tiny"])
-    fp32 = {p: sum(4 * torch.Size(s).numel() for s in phase_arrays(cfg, p).values()) for p in ("lae", "dm")}
+    fp32 = {p: sum(4 * torch.Size(s).numel() for s in phase_shapes(cfg, p).values()) for p in ("lae", "dm")}
     print("tiny profile (64 px), per site per round; fp32 model size: "
           + ", ".join(f"{p} {v / 1e6:.2f} MB" for p, v in fp32.items()))
     print(f"{'dtype':6} {'phase':13} {'sent/site MB':>13} {'received/site MB':>17} {'received / fp32':>16}")

@@ -22,7 +22,7 @@ def _site_weights(seed: int, mb: int) -> dict[str, torch.Tensor]:
 
 def measure(sites: int, mode: str, mb: int) -> dict:
     from strategies.aggregate import StreamingMean
-    from strategies.arrays import to_record
+    from wire.codec import to_record
 
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     acc, held = StreamingMean(), []

@@ -8,42 +8,22 @@ from __future__ import annotations
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-ARRAYS_KEY = "arrays"
-METRICS_KEY = "metrics"
+from wire.contract import ARRAYS_KEY, METRICS_KEY
+from wire.secagg import RECORD_KEY
 
 
 class OutboxViolation(RuntimeError):
     """A reply that would carry more than the phase allows; it is never sent."""
 
 
-def phase_arrays(cfg, phase: str) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of the arrays a site may send in ``phase`` (empty: none)."""
-    import torch
-
-    from histodiff.models.autoencoder import build_autoencoder
-    from histodiff.models.discriminator import build_discriminator
-    from histodiff.models.unet import build_unet
-
-    modules = {}
-    with torch.device("meta"):
-        if phase == "lae":
-            modules["autoencoder"] = build_autoencoder(cfg.lae)
-            if cfg.lae.share_discriminator:
-                modules["discriminator"] = build_discriminator(cfg.lae)  # never the LPIPS network
-        elif phase == "dm":
-            modules["unet"] = build_unet(cfg)
-    return {f"{prefix}.{k}": tuple(v.shape) for prefix, m in modules.items() for k, v in m.state_dict().items()}
-
-
 def check_outgoing(content: RecordDict, allowed: dict[str, tuple[int, ...]], *, masked: bool = False,
                    protocol: tuple[str, ...] = ()) -> None:
-    """Raise ``OutboxViolation`` unless ``content`` holds only allowed arrays and scalar metrics.
+    """Raise ``OutboxViolation`` unless ``content`` holds only allowed arrays (``wire.contract.phase_shapes``) and
+    scalar metrics.
 
     ``masked``: every array must be a SecAgg+ masked upload (uint32); ``protocol``: the fields a SecAgg+ stage
     may send in its ``secagg`` record (public keys, ciphertexts, shares: bytes, integers, lists of them).
     """
-    from strategies.secagg import RECORD_KEY
-
     for key, record in content.items():
         if key == ARRAYS_KEY and isinstance(record, ArrayRecord):
             for name, array in record.items():

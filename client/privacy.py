@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
 import torch
 
 from histodiff.privacy import PrivacyBudgetExhausted
@@ -29,14 +28,12 @@ def _no_prox(mu: float) -> None:
         raise ValueError("FedProx (proximal-mu > 0) is not combined with local DP-SGD here; use strategy=fedavg")
 
 
-def lae_round(cfg, dataset, site, steps: int, global_weights, mu: float = 0.0, clipping_norm: float | None = None):
-    """One LAE round at ``site``: DP-SGD when privacy.dp and mode=local (accountant in ``site.state``); under
-    central DP the update is clipped to ``clipping_norm``, the norm the server calibrates its noise to."""
+def lae_round(cfg, dataset, site, steps: int, global_weights, mu: float = 0.0):
+    """One LAE round at ``site``: DP-SGD when privacy.dp and mode=local (accountant in ``site.state``)."""
     if not local_dp(cfg):
         from client import task
 
-        result = task.lae_round(cfg, dataset, site, steps, global_weights, mu)
-        return clip_result(cfg, result, global_weights, clipping_norm)
+        return task.lae_round(cfg, dataset, site, steps, global_weights, mu)
     from histodiff.privacy.dp_train import dp_train_lae_steps
 
     _no_prox(mu)
@@ -44,13 +41,11 @@ def lae_round(cfg, dataset, site, steps: int, global_weights, mu: float = 0.0, c
                               accountant_dir=site.state, site=site.name)
 
 
-def dm_round(cfg, dataset, site, steps: int, global_weights, autoencoder, scale_factor: float, mu: float = 0.0,
-             clipping_norm: float | None = None):
+def dm_round(cfg, dataset, site, steps: int, global_weights, autoencoder, scale_factor: float, mu: float = 0.0):
     if not local_dp(cfg):
         from client import task
 
-        result = task.dm_round(cfg, dataset, site, steps, global_weights, autoencoder, scale_factor, mu)
-        return clip_result(cfg, result, global_weights, clipping_norm)
+        return task.dm_round(cfg, dataset, site, steps, global_weights, autoencoder, scale_factor, mu)
     from histodiff.privacy.dp_train import dp_train_dm_steps
 
     _no_prox(mu)
@@ -75,35 +70,19 @@ def latent_stats(cfg, dataset, autoencoder, site):
 # ------------------------------------------------------------------ central DP: clip the update at the site
 
 
-def clip_update(weights: dict[str, torch.Tensor], global_weights: dict[str, torch.Tensor],
-                clipping_norm: float) -> tuple[dict[str, torch.Tensor], float]:
-    """Flower's ``compute_clip_model_update`` on the floating arrays: w <- g + (w - g) * min(1, C / ||w - g||).
-
-    Integer buffers (e.g. BatchNorm's step counter) are sent as the global value: they are no part of the
-    clipped update. Returns the clipped weights and the update's norm before clipping.
-    """
-    from flwr.supercore.differential_privacy import compute_clip_model_update, get_norm
-
-    keys = [k for k, v in weights.items() if v.is_floating_point()]
-    new = [weights[k].detach().cpu().numpy().astype(np.float32, copy=True) for k in keys]
-    old = [global_weights[k].detach().cpu().numpy().astype(np.float32) for k in keys]
-    norm = float(get_norm([a - b for a, b in zip(new, old)]))
-    compute_clip_model_update(new, old, clipping_norm)
-    out = {k: (global_weights[k].clone() if k in global_weights else v) for k, v in weights.items()}
-    out.update({k: torch.from_numpy(a) for k, a in zip(keys, new)})
-    return out, norm
-
-
-def clip_result(cfg, result, global_weights, clipping_norm: float | None = None):
-    """In central mode, the result with its update clipped to ``clipping_norm`` (the round config's, Flower's key;
-    ``privacy.max_grad_norm`` when the round names none); else unchanged."""
-    if not central_dp(cfg) or not global_weights:
-        return result
+def clip_update(cfg, update: dict[str, torch.Tensor], clipping_norm: float | None = None
+                ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """In central mode, ``update`` (``w - g``) scaled to L2 norm at most ``clipping_norm`` (the round config's,
+    Flower's key; ``privacy.max_grad_norm`` when the round names none), as Flower's fixed clipping does; integer
+    buffers are no part of the clipped update and travel as they are. Else unchanged, and no metrics."""
+    if not central_dp(cfg):
+        return update, {}
     c = float(cfg.privacy.max_grad_norm if clipping_norm is None else clipping_norm)
-    result.weights, norm = clip_update(result.weights, global_weights, c)
-    result.metrics = {**result.metrics, "dp-update-norm": norm, "dp-clipping-norm": c, "dp-clipped": float(norm > c)}
-    return result
+    floating = [k for k, v in update.items() if v.is_floating_point()]
+    norm = float(torch.sqrt(sum(update[k].double().pow(2).sum() for k in floating))) if floating else 0.0
+    if norm > c:
+        update = {k: (v * (c / norm) if k in floating else v) for k, v in update.items()}
+    return update, {"dp-update-norm": norm, "dp-clipping-norm": c, "dp-clipped": float(norm > c)}
 
 
-__all__ = ["PrivacyBudgetExhausted", "lae_round", "dm_round", "latent_stats", "clip_update", "clip_result",
-           "local_dp", "central_dp"]
+__all__ = ["PrivacyBudgetExhausted", "lae_round", "dm_round", "latent_stats", "clip_update", "local_dp", "central_dp"]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from strategies.arrays import weights_digest
+from wire.codec import weights_digest
 
 log = logging.getLogger(__name__)
 ROLES = ("unlabeled", "labeled")
@@ -31,8 +31,20 @@ class Site:
     phantom: int | None = None  # phantom stain style to generate when no data folder is given
 
 
-def _truthy_list(text: str) -> set[int]:
-    return {int(x) for x in str(text).replace(",", " ").split() if x.strip()}
+def _labeled_partitions(text, num_partitions) -> set[int]:
+    """Partition ids of ``labeled-partitions``: ids and/or ``last`` (= num-partitions - 1); empty: none."""
+    ids = set()
+    for token in str(text).replace(",", " ").split():
+        if token.lower() == "last":
+            if num_partitions is None:
+                raise ValueError('labeled-partitions "last" needs num-partitions in the node config (Flower\'s '
+                                 "simulation sets it); name the partition ids instead, e.g. labeled-partitions=\"3\"")
+            ids.add(int(num_partitions) - 1)
+        elif token.isdigit():
+            ids.add(int(token))
+        else:
+            raise ValueError(f"labeled-partitions {text!r}: expected partition ids and/or 'last', got {token!r}")
+    return ids
 
 
 def run_name(run_config) -> str:
@@ -41,7 +53,13 @@ def run_name(run_config) -> str:
 
 
 def site_from_context(node_config, run_config) -> Site:
-    """Deployment: the node config names data-path, site-name, role, work-dir. Simulation: partition-id."""
+    """Deployment: the node config names data-path, site-name, role, work-dir.
+
+    Simulation (no data-path): Flower sets partition-id and num-partitions; the run config's labeled-partitions
+    (ids and/or ``last``; the project default is ``last``) picks the labeled site(s). Data: ``<sites-root>/site<id>/``
+    (a labeled site's test tiles in ``site<id>-test/`` beside it) or, without sites-root, phantom tiles in the
+    site's own stain style, generated once under ``<work-root>/site<id>/``.
+    """
     if "data-path" in node_config:
         work = Path(str(node_config.get("work-dir", "") or Path(str(node_config["data-path"])).parent / "work"))
         role = str(node_config.get("role", "unlabeled"))
@@ -53,7 +71,8 @@ def site_from_context(node_config, run_config) -> Site:
         pid = int(node_config.get("partition-id", 0))
         root = Path(str(run_config.get("work-root", "") or Path(str(run_config.get("run-dir", "runs/federated"))) / "sites"))
         work = root / f"site{pid}"
-        role = "labeled" if pid in _truthy_list(run_config.get("labeled-partitions", "")) else "unlabeled"
+        labeled = _labeled_partitions(run_config.get("labeled-partitions", ""), node_config.get("num-partitions"))
+        role = "labeled" if pid in labeled else "unlabeled"
         sites_root = str(run_config.get("sites-root", "") or "")
         data = Path(sites_root) / f"site{pid}" if sites_root else work / "phantom-tiles"
         test = None
@@ -67,13 +86,9 @@ def site_from_context(node_config, run_config) -> Site:
     return site
 
 
-def site_config(run_config, site: Site):
-    from histodiff.config import compose
-
-    overrides = [f"profile={run_config.get('profile', 'tiny')}", *shlex.split(str(run_config.get("overrides", "")))]
-    overrides += [f"seed={int(run_config.get('seed', 0))}", f"data={site.data}", f"work_dir={site.work}",
-                  f"run_dir={site.state}"]
-    return compose(overrides)
+def site_config(settings, site: Site):
+    """The site's model config: the run's overrides (``wire.settings.Settings``) and the site's own paths."""
+    return settings.compose([f"data={site.data}", f"work_dir={site.work}", f"run_dir={site.state}"])
 
 
 def ensure_phantom(cfg, site: Site, per_class: int, seed: int) -> None:
@@ -99,24 +114,12 @@ def load_dataset(cfg, train: bool = True):
     return tile_dataset_from_config(cfg, train=train)
 
 
-def strip(prefix: str, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k[len(prefix) + 1:]: v for k, v in weights.items() if k.startswith(prefix + ".")}
-
-
-def build_global_autoencoder(cfg, weights: dict[str, torch.Tensor]):
-    from histodiff.models.autoencoder import build_autoencoder
-
-    ae = build_autoencoder(cfg.lae)
-    ae.load_state_dict(strip("autoencoder", weights), strict=True)
-    return ae.eval()
-
-
 def lae_round(cfg, dataset, site: Site, steps: int, global_weights, mu: float = 0.0):
     from client.proximal import proximal_callbacks
     from histodiff.training.local import train_lae_steps
 
     return train_lae_steps(cfg, dataset, site.state / "lae", steps, init_weights=global_weights, progress=False,
-                           callbacks=proximal_callbacks(mu, ("autoencoder", "loss.discriminator")))
+                           callbacks=proximal_callbacks(mu, "lae", cfg.lae.share_discriminator))
 
 
 def dm_round(cfg, dataset, site: Site, steps: int, global_weights, autoencoder, scale_factor: float, mu: float = 0.0):
@@ -124,7 +127,7 @@ def dm_round(cfg, dataset, site: Site, steps: int, global_weights, autoencoder, 
     from histodiff.training.local import train_dm_steps
 
     return train_dm_steps(cfg, dataset, site.state / "dm", steps, autoencoder, scale_factor,
-                          init_weights=global_weights, progress=False, callbacks=proximal_callbacks(mu, ("unet",)))
+                          init_weights=global_weights, progress=False, callbacks=proximal_callbacks(mu, "dm"))
 
 
 def latent_stats(cfg, dataset, autoencoder):
@@ -158,6 +161,38 @@ def cached_global_autoencoder(site: Site, digest: str) -> dict[str, torch.Tensor
 # ------------------------------------------------------------------ deliver
 
 
+def deliver(cfg, settings, site: Site, ae_weights, unet_weights, scale_factor: float,
+            run_pipeline: bool = True) -> dict[str, float]:
+    """Store the global model at the labeled site and start its augmentation pipeline as the site's own job
+    (``client.pipeline_job``) unless ``run_pipeline`` is false or the site has no test set; answers at once."""
+    from client import pipeline_job
+    from histodiff.checkpoint import export_global_model
+    from wire.contract import autoencoder_from, unet_from
+
+    model_dir = export_global_model(site.state / "global_model", cfg, autoencoder_from(cfg, ae_weights),
+                                    unet_from(cfg, unet_weights), scale_factor)
+    if not run_pipeline or site.test is None:
+        why = "augment=false in the run config" if not run_pipeline else "no test-path in this site's node config"
+        log.warning("global model stored in %s; the augmentation pipeline was not run (%s); python -m "
+                    "client.augment --model %s runs it later", model_dir, why, model_dir)
+        metrics = {"delivered": 1.0, "augment-ran": 0.0, "pipeline-state": pipeline_job.OFF}
+        pipeline_job.write_status(site.state / "augment", {"state": "off", "metrics": metrics})
+        return metrics
+    job = {"overrides": [*settings.config_overrides(), f"data={site.data}", f"work_dir={site.work}",
+                         f"run_dir={site.state}"],
+           "data": str(Path(site.data).resolve()), "test": str(Path(site.test).resolve()),
+           "model": str(Path(model_dir).resolve()), "out": str((site.state / "augment").resolve())}
+    pipeline_job.start(job, restart=True)
+    return {"delivered": 1.0, "pipeline-state": pipeline_job.RUNNING}
+
+
+def pipeline_status(site: Site) -> dict[str, float]:
+    """The labeled-site pipeline's state for the server (restarted where it stopped when its process died)."""
+    from client import pipeline_job
+
+    return pipeline_job.status(site.state / "augment")
+
+
 def table_metrics(results: dict) -> dict[str, float]:
     """Only scalar metrics leave the labeled site: one per Table 1 row and column."""
     out: dict[str, float] = {}
@@ -167,31 +202,3 @@ def table_metrics(results: dict) -> dict[str, float]:
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 out[f"{row['setting']}/{key.removesuffix('_mean')}"] = float(value)
     return out
-
-
-def deliver(cfg, site: Site, ae_weights, unet_weights, scale_factor: float, run_pipeline: bool = True) -> dict[str, float]:
-    """Store the global model at the labeled site and run its augmentation pipeline there (unless ``run_pipeline``
-    is false or the site has no test set); only the Table 1 scalars go back."""
-    from histodiff.checkpoint import export_global_model
-    from histodiff.models.unet import build_unet
-
-    start = time.time()
-    ae = build_global_autoencoder(cfg, ae_weights)
-    unet = build_unet(cfg)
-    unet.load_state_dict(strip("unet", unet_weights), strict=True)
-    model_dir = export_global_model(site.state / "global_model", cfg, ae, unet, scale_factor)
-    metrics: dict[str, float] = {"delivered": 1.0, "augment-ran": 0.0}
-    if not run_pipeline:
-        log.info("global model stored in %s (augment=false in the run config)", model_dir)
-    elif site.test is None:
-        log.warning("global model stored in %s; no test-path in this site's node config, so the "
-                    "augmentation pipeline was not run (python -m client.augment runs it later)", model_dir)
-    else:
-        from histodiff.labeled import run_augment
-
-        results = run_augment(cfg, site.data, site.test, model_dir, site.state / "augment")
-        metrics.update(table_metrics(results))
-        metrics["augment-ran"] = 1.0
-    metrics["deliver-seconds"] = time.time() - start
-    (site.state / "deliver_metrics.json").write_text(json.dumps(metrics, indent=2))
-    return metrics

@@ -13,6 +13,26 @@ from histodiff.errors import InputError
 MODEL_INFO = "model_info.json"
 
 
+def flat(name: str, module_or_state) -> dict[str, torch.Tensor]:
+    """A module (or its state dict) as flat ``name.key`` arrays, detached on the CPU (the federation's layout)."""
+    state = module_or_state.state_dict() if isinstance(module_or_state, torch.nn.Module) else module_or_state
+    return {f"{name}.{k}": v.detach().cpu() for k, v in state.items()}
+
+
+def part(weights: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+    """One model's state dict (names without the ``name.`` prefix) from flat arrays."""
+    cut = len(name) + 1
+    return {k[cut:]: v for k, v in weights.items() if k.startswith(name + ".")}
+
+
+def load_part(module: torch.nn.Module, weights: dict[str, torch.Tensor], name: str) -> bool:
+    """Load the ``name.*`` flat arrays into ``module`` (strict); False when there are none."""
+    own = part(weights, name)
+    if own:
+        module.load_state_dict(own, strict=True)
+    return bool(own)
+
+
 def save_state_dict_file(state: dict[str, torch.Tensor], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")

@@ -1,4 +1,5 @@
-"""Streaming weighted averaging: each reply is added into a running fp32 sum as it arrives, then dropped.
+"""Streaming weighted averaging of the sites' updates: each reply is added into a running fp32 sum as it arrives,
+then dropped.
 
 Peak memory is the fp32 sum plus one reply, whatever the number of sites.
 """
@@ -8,7 +9,7 @@ from __future__ import annotations
 import torch
 from flwr.app import ArrayRecord
 
-from strategies.arrays import array_shape, decode_tensor
+from wire.codec import array_shape, decode_tensor
 
 
 class ReplyMismatch(ValueError):
@@ -16,7 +17,7 @@ class ReplyMismatch(ValueError):
 
 
 class StreamingMean:
-    """Weighted mean of state dicts, fed one reply at a time (weights: the sites' tile counts)."""
+    """Weighted mean of updates (or state dicts), fed one reply at a time (weights: the sites' tile counts)."""
 
     def __init__(self, expected: dict[str, tuple[int, ...]] | None = None):
         self.expected = expected  # names and shapes every reply must have (the global model's)
@@ -34,7 +35,7 @@ class StreamingMean:
             return
         if set(shapes) != set(expected):
             extra, missing = sorted(set(shapes) - set(expected)), sorted(set(expected) - set(shapes))
-            raise ReplyMismatch(f"arrays differ from the global model (extra {extra[:3]}, missing {missing[:3]})")
+            raise ReplyMismatch(f"arrays differ from the global model's (extra {extra[:3]}, missing {missing[:3]})")
         bad = [k for k, s in shapes.items() if tuple(expected[k]) != s]
         if bad:
             raise ReplyMismatch(f"array {bad[0]} has shape {shapes[bad[0]]}, expected {tuple(expected[bad[0]])}")

@@ -11,31 +11,10 @@ from pathlib import Path
 
 import torch
 
+from wire.contract import part
+
 METRICS_FILE = "metrics.jsonl"
 KEEP = 2  # round checkpoints kept (the committed one and the one before)
-
-
-def _split(weights: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix) + 1:]: v for k, v in weights.items() if k.startswith(prefix + ".")}
-
-
-def init_lae_weights(cfg, seed: int, share_discriminator: bool | None = None) -> dict[str, torch.Tensor]:
-    from histodiff.models.autoencoder import build_autoencoder
-    from histodiff.models.discriminator import build_discriminator
-
-    torch.manual_seed(seed)
-    weights = {f"autoencoder.{k}": v for k, v in build_autoencoder(cfg.lae).state_dict().items()}
-    share = cfg.lae.share_discriminator if share_discriminator is None else share_discriminator
-    if share:
-        weights.update({f"discriminator.{k}": v for k, v in build_discriminator(cfg.lae).state_dict().items()})
-    return weights
-
-
-def init_unet_weights(cfg, seed: int) -> dict[str, torch.Tensor]:
-    from histodiff.models.unet import build_unet
-
-    torch.manual_seed(seed + 1)
-    return {f"unet.{k}": v for k, v in build_unet(cfg).state_dict().items()}
 
 
 def save_round(run_dir: Path, name: str, cfg, weights: dict[str, torch.Tensor],
@@ -52,15 +31,15 @@ def save_round(run_dir: Path, name: str, cfg, weights: dict[str, torch.Tensor],
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    ae = _split(weights, "autoencoder")
+    ae = part(weights, "autoencoder")
     if ae:
         model = build_autoencoder(cfg.lae)
         model.load_state_dict(ae, strict=True)
         save_pretrained_atomic(model, out / "autoencoder")
-    disc = _split(weights, "discriminator")
+    disc = part(weights, "discriminator")
     if disc:
         save_state_dict_file(disc, out / "discriminator.safetensors")
-    unet = _split(weights, "unet")
+    unet = part(weights, "unet")
     if unet:
         model = build_unet(cfg)
         model.load_state_dict(unet, strict=True)
@@ -108,10 +87,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
 def export_model(run_dir: Path, cfg, weights: dict[str, torch.Tensor], scale_factor: float) -> Path:
     """The deliverable: ``run_dir/global_model`` (autoencoder/, unet/, scheduler/, model_info.json)."""
     from histodiff.checkpoint import export_global_model
-    from histodiff.models.autoencoder import build_autoencoder
-    from histodiff.models.unet import build_unet
+    from wire.contract import autoencoder_from, unet_from
 
-    ae, unet = build_autoencoder(cfg.lae), build_unet(cfg)
-    ae.load_state_dict(_split(weights, "autoencoder"), strict=True)
-    unet.load_state_dict(_split(weights, "unet"), strict=True)
-    return export_global_model(Path(run_dir) / "global_model", cfg, ae, unet, scale_factor)
+    return export_global_model(Path(run_dir) / "global_model", cfg, autoencoder_from(cfg, weights),
+                               unet_from(cfg, weights), scale_factor)

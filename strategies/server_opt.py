@@ -1,6 +1,8 @@
-"""Server-side update rules applied to the weighted mean of a round: FedAvg/FedProx, FedAdam, FedYogi; server EMA.
+"""Server-side update rules applied to the weighted mean update of a round: FedAvg/FedProx, FedAdam, FedYogi; EMA.
 
-FedProx differs from FedAvg only at the sites (proximal term, ``proximal-mu``); the server averages.
+Sites send updates ``w_local - w_global``; every rule here takes their weighted mean as the pseudo-gradient.
+Integer buffers travel as values and replace the global's. FedProx differs from FedAvg only at the sites
+(proximal term, ``proximal-mu``); the server averages.
 FedAdam/FedYogi follow Reddi et al. 2021 (adaptive federated optimisation), in fp32 torch.
 """
 
@@ -8,16 +10,22 @@ from __future__ import annotations
 
 import torch
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi")
+from wire.settings import STRATEGIES
+
+
+def _keep_or_replace(x: torch.Tensor, update: dict[str, torch.Tensor], k: str) -> torch.Tensor:
+    """An array the rule does not move: an integer buffer takes the sites' value, an array without update stays."""
+    return update[k].clone() if k in update else x
 
 
 class ServerOptimizer:
-    """``step(current, mean) -> new global``; FedAvg and FedProx take the mean as the new global model."""
+    """``step(current, update) -> new global``; FedAvg and FedProx add the mean update."""
 
     name = "fedavg"
 
-    def step(self, current: dict[str, torch.Tensor], mean: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return mean
+    def step(self, current: dict[str, torch.Tensor], update: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: (x + update[k] if x.is_floating_point() and k in update else _keep_or_replace(x, update, k))
+                for k, x in current.items()}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {}
@@ -27,7 +35,7 @@ class ServerOptimizer:
 
 
 class FedAdam(ServerOptimizer):
-    """x += eta * m / (sqrt(v) + tau) with m, v the moments of the pseudo-gradient (mean - current)."""
+    """x += eta * m / (sqrt(v) + tau) with m, v the moments of the pseudo-gradient (the mean update)."""
 
     name = "fedadam"
 
@@ -39,13 +47,13 @@ class FedAdam(ServerOptimizer):
     def _second_moment(self, v: torch.Tensor, d2: torch.Tensor) -> torch.Tensor:
         return v.mul_(self.beta2).add_(d2, alpha=1 - self.beta2)
 
-    def step(self, current, mean):
+    def step(self, current, update):
         new = {}
         for k, x in current.items():
-            if not x.is_floating_point():
-                new[k] = mean[k]
+            if not x.is_floating_point() or k not in update:
+                new[k] = _keep_or_replace(x, update, k)
                 continue
-            delta = mean[k] - x
+            delta = update[k]
             m = self.m.setdefault(k, torch.zeros_like(x))
             v = self.v.setdefault(k, torch.zeros_like(x))
             m.mul_(self.beta1).add_(delta, alpha=1 - self.beta1)

@@ -6,12 +6,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.supercore.task_identity import TaskIdentity
 
 from client import client_app, task
-from client.outbox import OutboxViolation, check_outgoing, phase_arrays
+from client.outbox import OutboxViolation, check_outgoing
 from client.proximal import ProximalTerm
 from histodiff.config import compose
 from histodiff.training.local import LocalResult
-from strategies.arrays import from_record, to_record
-from strategies.checkpoint import init_lae_weights
+from wire.codec import from_record, to_record
+from wire.contract import init_phase, phase_shapes
 
 OVERRIDES = "weights.perceptual=random lae.perceptual_weight=0 tiles.batch_size=4 tiles.image_size=32"
 
@@ -33,18 +33,18 @@ def _context(tmp_path, pid=0, **run):
                    run_config=rc)
 
 
-def test_phase_arrays_are_the_phase_models_only(cfg):
-    lae, dm = phase_arrays(cfg, "lae"), phase_arrays(cfg, "dm")
+def test_phase_shapes_are_the_phase_models_only(cfg):
+    lae, dm = phase_shapes(cfg, "lae"), phase_shapes(cfg, "dm")
     assert lae and all(k.startswith(("autoencoder.", "discriminator.")) for k in lae)
     assert not any("lpips" in k or "perceptual" in k for k in lae)
     assert dm and all(k.startswith("unet.") for k in dm)
-    assert phase_arrays(cfg, "latent-stats") == {}
+    assert phase_shapes(cfg, "latent-stats") == {}
     no_disc = compose(["profile=tiny", *OVERRIDES.split(), "lae.share_discriminator=false"])
-    assert not any(k.startswith("discriminator.") for k in phase_arrays(no_disc, "lae"))
+    assert not any(k.startswith("discriminator.") for k in phase_shapes(no_disc, "lae"))
 
 
 def test_check_outgoing_refuses_anything_beyond_the_phase_model(cfg):
-    allowed = phase_arrays(cfg, "dm")
+    allowed = phase_shapes(cfg, "dm")
     good = {k: torch.zeros(s) for k, s in list(allowed.items())[:3]}
     check_outgoing(RecordDict({"arrays": to_record(good), "metrics": MetricRecord({"loss": 1.0, "n": 3})}), allowed)
     with pytest.raises(OutboxViolation, match="not part"):
@@ -63,7 +63,7 @@ def test_check_outgoing_refuses_anything_beyond_the_phase_model(cfg):
 
 
 def _lae_message(cfg, steps=1):
-    content = RecordDict({"arrays": to_record(init_lae_weights(cfg, 0)),
+    content = RecordDict({"arrays": to_record(init_phase(cfg, "lae", 0)),
                           "config": ConfigRecord({"phase": "lae", "local-steps": steps, "transfer-dtype": "fp16",
                                                   "proximal-mu": 0.0})})
     return Message(content, 7, "train.lae")
@@ -73,7 +73,7 @@ def test_train_lae_handler_sends_only_the_lae_arrays(cfg, tmp_path):
     msg = _lae_message(cfg)
     reply = client_app.train_lae(msg, _context(tmp_path))
     arrays = reply.content["arrays"]
-    allowed = phase_arrays(cfg, "lae")
+    allowed = phase_shapes(cfg, "lae")
     assert set(arrays.keys()) == set(allowed)
     assert {a.dtype for a in arrays.values()} <= {"float16", "int64"}
     metrics = reply.content["metrics"]
@@ -102,7 +102,7 @@ def test_labeled_site_tells_its_role_and_refuses_pretraining(cfg, tmp_path):
 
 
 def test_latent_stats_handler_returns_moments_only(cfg, tmp_path):
-    ae = {k: v for k, v in init_lae_weights(cfg, 0).items() if k.startswith("autoencoder.")}
+    ae = {k: v for k, v in init_phase(cfg, "lae", 0).items() if k.startswith("autoencoder.")}
     msg = Message(RecordDict({"autoencoder": to_record(ae), "config": ConfigRecord({"phase": "latent-stats"})}), 7,
                   "query.latent_stats")
     reply = client_app.latent_stats(msg, _context(tmp_path))
@@ -110,7 +110,7 @@ def test_latent_stats_handler_returns_moments_only(cfg, tmp_path):
     assert set(reply.content.keys()) == {"metrics"}
     assert m["latent-count"] == 9 * 3 * 8 * 8 and m["latent-sum-sq"] > 0
     site = task.site_from_context({"partition-id": 0}, _context(tmp_path).run_config)
-    from strategies.arrays import weights_digest
+    from wire.codec import weights_digest
     assert torch.equal(task.cached_global_autoencoder(site, weights_digest(ae))["autoencoder.encoder.conv_in.weight"],
                        ae["autoencoder.encoder.conv_in.weight"])
 

@@ -10,9 +10,10 @@ from flwr.supercore.task_identity import TaskIdentity
 from client import proximal
 from client.client_app import app
 from histodiff.config import compose
-from strategies.checkpoint import init_lae_weights, read_metrics
+from strategies.checkpoint import read_metrics
+from wire.contract import init_phase
 from strategies.federation import Federation
-from strategies.inprocess import InProcessGrid
+from tests.inprocess_grid import InProcessGrid
 from strategies.schedule import load_state
 
 OVERRIDES = "weights.perceptual=random lae.perceptual_weight=0 tiles.batch_size=4 tiles.image_size=32"
@@ -94,7 +95,7 @@ def test_one_site_federated_equals_single_site_training(tmp_path):
     cfg = compose(["profile=tiny", *OVERRIDES.split(), f"data={tmp_path / 'root' / 'site0'}",
                    f"work_dir={tmp_path / 'central'}"])
     dataset = tile_dataset_from_config(cfg)
-    weights = init_lae_weights(cfg, 0)
+    weights = init_phase(cfg, "lae", 0)
     for _ in range(2):  # the same steps in two calls, as two rounds do
         weights = train_lae_steps(cfg, dataset, tmp_path / "central" / "lae", 2, init_weights=weights,
                                   progress=False).weights

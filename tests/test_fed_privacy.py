@@ -12,13 +12,13 @@ from client.client_app import app
 from client.task import site_from_context
 from histodiff.config import compose
 from histodiff.privacy import SiteAccountant
-from strategies.arrays import from_record
+from wire.codec import from_record
 from strategies.checkpoint import read_metrics
 from strategies.federation import Federation
-from strategies.inprocess import InProcessGrid
+from tests.inprocess_grid import InProcessGrid
 from strategies.privacy import LEDGER_FILE
 from strategies.schedule import load_state
-from strategies.settings import Settings, site_run_config
+from wire.settings import Settings
 
 BASE = "weights.perceptual=random lae.perceptual_weight=0 tiles.batch_size=4 tiles.image_size=32"
 # latent_clip=1: the DP noise of the latent statistics (drawn from the OS, not the seed) stays well below the
@@ -63,14 +63,16 @@ def test_settings_plan_steps_and_guard_central_dtype():
     s = Settings(overrides="privacy.dp=true privacy.target_epsilon=8", lae_rounds=3, dm_rounds=2, local_steps=5)
     assert "privacy.planned_steps=26" in s.config_overrides()
     assert Settings(overrides="privacy.dp=true privacy.planned_steps=7").privacy_overrides() == []
-    assert Settings(overrides="tiles.batch_size=4").privacy_overrides() == []
-    rc = site_run_config({"overrides": "privacy.dp=true", "lae-rounds": 1, "dm-rounds": 1, "local-steps": 4})
-    assert rc["overrides"].endswith("privacy.planned_steps=9")
-    assert compose(["profile=tiny", *rc["overrides"].split()]).privacy.planned_steps == 9
+    site = Settings.from_run_config({"overrides": "privacy.dp=true", "lae-rounds": 1, "dm-rounds": 1, "local-steps": 4})
+    assert site.compose().privacy.planned_steps == 9  # what every site composes: the whole schedule's steps
+    own = Settings.from_run_config({"overrides": "privacy.dp=true", "lae-rounds": 1, "dm-rounds": 1,
+                                    "lae-local-steps": 2, "dm-local-steps": 5})
+    assert own.planned_dp_steps() == 1 * 2 + 1 * 5 + 1
     with pytest.raises(ValueError, match="transfer-dtype fp32"):
-        Settings(overrides="privacy.dp=true privacy.mode=central", transfer_dtype="bf16").validate()
+        Settings(overrides="privacy.dp=true privacy.mode=central privacy.noise_multiplier=1.0",
+                 transfer_dtype="bf16").compose()
     with pytest.raises(ValueError, match="fedprox"):
-        Settings(overrides="privacy.dp=true", strategy="fedprox", proximal_mu=0.1).validate()
+        Settings(overrides="privacy.dp=true", strategy="fedprox", proximal_mu=0.1).compose()
 
 
 def test_local_dp_epsilon_per_site_per_round_and_report(tmp_path):

@@ -8,10 +8,10 @@ import torch
 
 from histodiff.training.latent_stats import LatentStats, latent_moments
 from strategies.aggregate import MetricMean, ReplyMismatch, StreamingMean
-from strategies.arrays import TRANSFER_DTYPES, decode_tensor, from_record, to_record
+from wire.codec import TRANSFER_DTYPES, decode_tensor, from_record, to_record
 from strategies.schedule import Plan, ServerState, advance, load_state, save_state, start_state
 from strategies.server_opt import FedAdam, FedYogi, ServerEMA, build_server_optimizer
-from strategies.settings import Settings
+from wire.settings import Settings
 
 
 def _sites(n=3, seed=0):
@@ -25,7 +25,7 @@ def test_weighted_average_in_fp32_from_any_transfer_dtype(dtype, tol):
     sites, counts = _sites(), [10, 30, 60]
     acc = StreamingMean()
     for w, n in zip(sites, counts):
-        record = to_record(w, TRANSFER_DTYPES[dtype])
+        record = to_record(w, dtype)
         acc.add(record, n)
         del record  # dropped as soon as it is added
     mean = acc.mean()
@@ -37,7 +37,7 @@ def test_weighted_average_in_fp32_from_any_transfer_dtype(dtype, tol):
 
 def test_bf16_roundtrip_keeps_shape_and_halves_bytes():
     w = {"x": torch.randn(3, 8), "s": torch.tensor(1.5)}
-    rec32, rec16 = to_record(w), to_record(w, torch.bfloat16)
+    rec32, rec16 = to_record(w), to_record(w, "bf16")
     assert rec16.count_bytes() < 0.7 * rec32.count_bytes()
     back = from_record(rec16)
     assert back["x"].shape == (3, 8) and back["s"].shape == () and back["x"].dtype == torch.float32
@@ -63,10 +63,12 @@ def test_metric_mean_is_weighted():
     assert m.mean() == {"loss": pytest.approx(3.25)}
 
 
-def test_fedavg_and_fedprox_take_the_mean():
-    cur, mean = {"w": torch.zeros(3)}, {"w": torch.ones(3)}
+def test_fedavg_and_fedprox_add_the_mean_update():
+    cur, update = {"w": torch.full((3,), 2.0), "n": torch.tensor(3)}, {"w": torch.ones(3), "n": torch.tensor(5)}
     for name in ("fedavg", "fedprox"):
-        assert torch.equal(build_server_optimizer(name).step(cur, mean)["w"], mean["w"])
+        new = build_server_optimizer(name).step(cur, update)
+        assert torch.equal(new["w"], torch.full((3,), 3.0))
+        assert int(new["n"]) == 5  # an integer buffer takes the sites' value
 
 
 @pytest.mark.parametrize("cls", [FedAdam, FedYogi])
@@ -80,7 +82,7 @@ def test_fedadam_fedyogi_match_the_formula(cls):
         m = b1 * m + (1 - b1) * d
         v = b2 * v + (1 - b2) * d * d if cls is FedAdam else v - (1 - b2) * d * d * np.sign(v - d * d)
         x = x + eta * m / (np.sqrt(v) + tau)
-        cur = opt.step(cur, {"w": torch.tensor(target, dtype=torch.float32)})
+        cur = opt.step(cur, {"w": torch.tensor(d, dtype=torch.float32)})  # the mean update is the pseudo-gradient
         assert np.allclose(cur["w"].numpy(), x, atol=1e-5)
     state = opt.state_dict()
     again = cls(eta, b1, b2, tau)
@@ -123,10 +125,12 @@ def test_phase_schedule_and_state_file(tmp_path):
 
 
 def test_settings_from_run_config():
-    s = Settings.from_run_config({"lae-rounds": 3, "transfer-dtype": "bf16", "resume": "true", "server-ema": 0.9})
-    assert (s.lae_rounds, s.transfer_dtype, s.resume, s.server_ema) == (3, "bf16", True, 0.9)
+    s = Settings.from_run_config({"lae-rounds": 3, "transfer-dtype": "int8", "resume": "true", "server-ema": 0.9})
+    assert (s.lae_rounds, s.transfer_dtype, s.resume, s.ema_decay(0.9999)) == (3, "int8", True, 0.9)
     with pytest.raises(ValueError, match="transfer-dtype"):
-        Settings.from_run_config({"transfer-dtype": "int8"})
+        Settings.from_run_config({"transfer-dtype": "int4"})
+    with pytest.raises(ValueError, match="'lae-rounds'"):
+        Settings.from_run_config({"lae-rounds": "three"})
     with pytest.raises(ValueError, match="proximal-mu"):
         Settings.from_run_config({"strategy": "fedprox"})
     assert math.isclose(decode_tensor(to_record({"x": torch.tensor(2.0)})["x"]).item(), 2.0)

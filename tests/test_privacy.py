@@ -123,7 +123,7 @@ def test_central_dp_noise_accounting_and_client_clipping(tmp_path):
 
 def test_privacy_report_from_run_dir(tmp_path):
     from histodiff.config import compose
-    from histodiff.privacy.report import write_privacy_report
+    from server.privacy_report import write_privacy_report
     from strategies.privacy import PrivacyLedger
 
     site = tmp_path / "sites" / "site0" / "run"

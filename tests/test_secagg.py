@@ -14,10 +14,10 @@ from client.client_app import app
 from histodiff.config import ConfigError, compose
 from strategies.checkpoint import read_metrics
 from strategies.federation import Federation
-from strategies.arrays import to_record
-from strategies.inprocess import InProcessGrid
-from strategies.secagg import WEIGHT_KEY, SecAggError, SecAggParams, SecureSum, SiteSecAgg
-from strategies.settings import Settings
+from wire.codec import to_record
+from tests.inprocess_grid import InProcessGrid
+from wire.secagg import WEIGHT_KEY, SecAggError, SecAggParams, SecureSum, SiteSecAgg
+from wire.settings import Settings
 
 SHAPES = {"conv.weight": (8, 3, 3, 3), "conv.bias": (8,), "fc.weight": (4, 8)}
 BASE = "weights.perceptual=random lae.perceptual_weight=0 tiles.batch_size=4 tiles.image_size=32"
@@ -133,7 +133,7 @@ def test_config_and_settings_guards():
     with pytest.raises(ConfigError, match="secagg_threshold"):
         compose(["profile=tiny", "privacy.secagg=true", "privacy.secagg_threshold=1.5"])
     with pytest.raises(ValueError, match="min-sites >= 2"):
-        Settings(overrides="privacy.secagg=true", min_sites=1).validate()
+        Settings(overrides="privacy.secagg=true", min_sites=1).compose()
     with pytest.raises(SecAggError, match="overflow"):
         SecAggParams(levels=2**30).check(8)
 
@@ -202,14 +202,14 @@ def captured(monkeypatch):
 def test_federation_secure_rounds_unmask_the_weighted_mean(tmp_path, captured):
     """LAE, latent-stats and DM rounds with SecAgg+: the server's new model is the weighted mean of what the sites
     computed (captured at the sites before masking) within quantisation error; the server saw only masked arrays."""
-    from strategies.checkpoint import init_lae_weights, init_unet_weights
+    from wire.contract import init_phase
 
     fed, grid, lines = _run(tmp_path, "secure", f"{BASE} privacy.secagg=true", **{"dm-rounds": 1})
     assert [m["phase"] for m in lines] == ["lae", "latent-stats", "dm"]
     for line in lines:
         assert line["secagg"]["sites_masked"] == 3 and line["secagg"]["threshold"] == 2, line["secagg"]
     assert len(captured) == 9
-    init = {**init_lae_weights(fed.cfg, 0), **init_unet_weights(fed.cfg, 0)}
+    init = {**init_phase(fed.cfg, "lae", 0), **init_phase(fed.cfg, "dm", 0)}
     for line, part in zip(lines, (captured[0:3], captured[3:6], captured[6:9])):
         total = sum(k for _, k, _ in part)
         mean = {name: sum(k * u[name].double() for _, k, u in part) / total for name in part[0][2]}
@@ -266,7 +266,7 @@ def test_site_with_secagg_refuses_a_plain_round(tmp_path):
 def test_central_dp_over_secure_aggregation(tmp_path, captured):
     """Central DP with SecAgg+: sites clip, mask with equal weights; the server noises the unmasked mean with std
     sigma * (C + rounding slack) / n and accounts one release."""
-    from strategies.checkpoint import init_lae_weights
+    from wire.contract import init_phase
 
     overrides = (f"{BASE} privacy.secagg=true privacy.dp=true privacy.mode=central privacy.noise_multiplier=1.0 "
                  "privacy.max_grad_norm=1.0")
@@ -274,7 +274,7 @@ def test_central_dp_over_secure_aggregation(tmp_path, captured):
     lae = [u for stats, _, u in captured if not stats]
     assert [k for stats, k, _ in captured if not stats] == [65536] * 3  # equal weights bound the sensitivity
     assert all(torch.cat([v.flatten() for v in u.values()]).norm() <= 1.0 + 1e-4 for u in lae)  # clipped at sites
-    init = init_lae_weights(fed.cfg, 0)
+    init = init_phase(fed.cfg, "lae", 0)
     noise = torch.cat([(fed.weights[k] - init[k] - sum(u[k] for u in lae) / 3).flatten() for k in lae[0]])
     assert noise.std().item() == pytest.approx(1.0 / 3, rel=0.05)
     assert json.loads((tmp_path / "central" / "privacy_ledger.json").read_text())["central"]["releases"] == 1

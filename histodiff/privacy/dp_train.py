@@ -25,12 +25,11 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+from histodiff.checkpoint import flat, load_part
 from histodiff.privacy.accountant import SiteAccountant, secret_generator
 from histodiff.training.common import on_gpu, seed_everything
 from histodiff.training.local import (
     LocalResult,
-    _load_prefixed,
-    _prefixed,
     lae_shared_weights,
     load_dm_state,
     load_lae_state,
@@ -161,10 +160,11 @@ def dp_train_lae_steps(cfg, dataset, state_dir: Path, steps: int, init_weights: 
     # a site past its budget refuses before it builds or loads anything
     acc, noise, q, batches = _run(cfg, dataset, state_dir, steps, accountant_dir, site, "lae")
     module = LAEModule(cfg)
-    load_lae_state(module, state_dir)
-    if init_weights:
-        _load_prefixed("autoencoder", module.autoencoder, init_weights)
-        _load_prefixed("discriminator", module.discriminator, init_weights)
+    from_global = init_weights is not None  # a federated round: weights from the server, not the disk
+    load_lae_state(module, state_dir, weights=not from_global)
+    if from_global:
+        load_part(module.autoencoder, init_weights, "autoencoder")
+        load_part(module.discriminator, init_weights, "discriminator")
     seed_everything(cfg.seed + module.step)
     if module.step + steps > cfg.lae.disc_start:
         log.warning("DP LAE: the adversarial term stays off under DP (lae.disc_start=%d is ignored)", cfg.lae.disc_start)
@@ -197,7 +197,7 @@ def dp_train_lae_steps(cfg, dataset, state_dir: Path, steps: int, init_weights: 
         _finish(gsm, dpo)
     module.optimizer_state = None
     module.cpu()
-    save_lae_state(module, state_dir, [opt_g, opt_d])
+    save_lae_state(module, state_dir, [opt_g, opt_d], weights=not from_global)
     weights = lae_shared_weights(module, cfg.lae.share_discriminator)
     metrics = {k: v / max(1, count) for k, v in sums.items()}
     metrics = _close_round(acc, "lae", steps, weights, time.time() - start, metrics)
@@ -213,17 +213,19 @@ def dp_train_dm_steps(cfg, dataset, state_dir: Path, steps: int, autoencoder, sc
     state_dir = Path(state_dir)
     start = time.time()
     acc, noise, q, batches = _run(cfg, dataset, state_dir, steps, accountant_dir, site, "dm")
-    module = DMModule(cfg, autoencoder, scale_factor)
-    load_dm_state(module, state_dir)
-    if init_weights:
-        _load_prefixed("unet", module.unet, init_weights)
+    from_global = init_weights is not None  # a federated round: the server keeps the EMA
+    module = DMModule(cfg, autoencoder, scale_factor, ema=not from_global)
+    load_dm_state(module, state_dir, weights=not from_global)
+    if from_global:
+        load_part(module.unet, init_weights, "unet")
     seed_everything(cfg.seed + module.step)
 
     dm = cfg.dm
     device = _device(cfg)
     module.to(device)
     module.autoencoder.to(device)
-    module.ema.to(device)
+    if module.ema is not None:
+        module.ema.to(device)
     opt, sched = build_dm_optimizer(module.unet, dm, module.optimizer_state)
     module.unet.train()
     gsm, dpo = _make_private(_UNetForward(module.unet), opt, noise, cfg.privacy.max_grad_norm, round(q * len(dataset)),
@@ -238,7 +240,8 @@ def dp_train_dm_steps(cfg, dataset, state_dir: Path, steps: int, autoencoder, sc
         for batch in batches:
             logs = _dp_step(gsm, dpo, batch, loss_fn)
             sched.step()
-            module.ema.step(module.unet.parameters())
+            if module.ema is not None:
+                module.ema.step(module.unet.parameters())
             module.step += 1
             if logs:
                 sums["loss"] += float(logs["loss"])
@@ -247,9 +250,10 @@ def dp_train_dm_steps(cfg, dataset, state_dir: Path, steps: int, autoencoder, sc
     finally:
         _finish(gsm, dpo)
     module.cpu()
-    module.ema.to("cpu")
-    save_dm_state(module, state_dir, opt, sched)
-    weights = _prefixed("unet", module.unet)
+    if module.ema is not None:
+        module.ema.to("cpu")
+    save_dm_state(module, state_dir, opt, sched, weights=not from_global)
+    weights = flat("unet", module.unet)
     metrics = {"loss": sums["loss"] / max(1, count), "lr": sums["lr"] / max(1, steps)}
     metrics = _close_round(acc, "dm", steps, weights, time.time() - start, metrics)
     return LocalResult(weights=weights, metrics=metrics, num_examples=len(dataset), step=module.step)

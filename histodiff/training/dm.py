@@ -34,11 +34,12 @@ def diffusion_loss(eps_model, noise_scheduler, z0: torch.Tensor, kind: str) -> t
 class DMModule(L.LightningModule):
     """Paper eq. 3 on z_0 = scale_factor * E(x); the encoder is frozen and not part of the module's state."""
 
-    def __init__(self, cfg, autoencoder, scale_factor: float):
+    def __init__(self, cfg, autoencoder, scale_factor: float, ema: bool = True):
         super().__init__()
         self.cfg = cfg
         self.unet = build_unet(cfg)
-        self.ema = EMAModel(self.unet.parameters(), decay=cfg.dm.ema_decay)
+        # single-site runs keep the EMA here; in a federated round the server keeps it (of the global model)
+        self.ema = EMAModel(self.unet.parameters(), decay=cfg.dm.ema_decay) if ema else None
         # kept out of the module's parameters: frozen, never optimised, never sent by the DM phase
         self._autoencoder = [autoencoder.eval().requires_grad_(False)]
         self.scale_factor = float(scale_factor)
@@ -54,7 +55,8 @@ class DMModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self.autoencoder.to(self.device)
-        self.ema.to(self.device)
+        if self.ema is not None:
+            self.ema.to(self.device)
 
     def configure_optimizers(self):
         opt, sched = build_dm_optimizer(self.unet, self.cfg.dm, self.optimizer_state)
@@ -74,7 +76,8 @@ class DMModule(L.LightningModule):
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        self.ema.step(self.unet.parameters())
+        if self.ema is not None:
+            self.ema.step(self.unet.parameters())
         self.step += 1
         logs = {"loss": float(outputs["loss"]), "lr": self.optimizers().param_groups[0]["lr"]}
         for k, v in logs.items():

@@ -14,15 +14,13 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from histodiff.checkpoint import load_state_dict_file, save_pretrained_atomic, save_state_dict_file
+from histodiff.checkpoint import flat, load_part, load_state_dict_file, save_pretrained_atomic, save_state_dict_file
 from histodiff.training.common import (
     load_state_file,
     make_trainer,
     on_gpu,
-    rng_state,
     save_state_file,
     seed_everything,
-    set_rng_state,
     step_loader,
 )
 from histodiff.training.dm import DMModule
@@ -42,59 +40,65 @@ class LocalResult:
 # ---------------------------------------------------------------- state directories
 
 
-def save_lae_state(module: LAEModule, state_dir: Path, optimizers=None) -> None:
+def save_lae_state(module: LAEModule, state_dir: Path, optimizers=None, weights: bool = True) -> None:
+    """Step and optimiser state, and the models unless ``weights`` is false (a federated round: the server holds
+    the shared ones and sends them each round; a discriminator that is not shared stays and is saved)."""
     state_dir = Path(state_dir)
-    save_pretrained_atomic(module.autoencoder, state_dir / "autoencoder")
-    save_state_dict_file(module.discriminator.state_dict(), state_dir / "discriminator.safetensors")
+    if weights:
+        save_pretrained_atomic(module.autoencoder, state_dir / "autoencoder")
+    if weights or not module.cfg.lae.share_discriminator:
+        save_state_dict_file(module.discriminator.state_dict(), state_dir / "discriminator.safetensors")
     opts = optimizers if optimizers is not None else module.optimizer_state
     save_state_file(state_dir, {
         "step": module.step,
         "optimizers": [o.state_dict() if hasattr(o, "state_dict") else o for o in (opts or [])],
-        "rng": rng_state(),
     })
 
 
-def load_lae_state(module: LAEModule, state_dir: Path) -> bool:
+def load_lae_state(module: LAEModule, state_dir: Path, weights: bool = True) -> bool:
+    """The state ``save_lae_state`` wrote; with ``weights`` false, what it wrote without them."""
     state = load_state_file(Path(state_dir))
     if state is None:
         return False
-    from diffusers import AutoencoderKL
+    if weights:
+        from diffusers import AutoencoderKL
 
-    ae = AutoencoderKL.from_pretrained(str(Path(state_dir) / "autoencoder"))
-    module.autoencoder.load_state_dict(ae.state_dict())
-    module.discriminator.load_state_dict(load_state_dict_file(Path(state_dir) / "discriminator.safetensors"))
+        ae = AutoencoderKL.from_pretrained(str(Path(state_dir) / "autoencoder"))
+        module.autoencoder.load_state_dict(ae.state_dict())
+    disc = Path(state_dir) / "discriminator.safetensors"
+    if (weights or not module.cfg.lae.share_discriminator) and disc.is_file():
+        module.discriminator.load_state_dict(load_state_dict_file(disc))
     module.step = int(state["step"])
     module.optimizer_state = state["optimizers"] or None
-    set_rng_state(state["rng"])
     return True
 
 
-def save_dm_state(module: DMModule, state_dir: Path, optimizer=None, scheduler=None) -> None:
+def save_dm_state(module: DMModule, state_dir: Path, optimizer=None, scheduler=None, weights: bool = True) -> None:
+    """Step, optimiser and (single-site) EMA state, and the UNet unless ``weights`` is false (a federated round)."""
     state_dir = Path(state_dir)
-    save_pretrained_atomic(module.unet, state_dir / "unet")
+    if weights:
+        save_pretrained_atomic(module.unet, state_dir / "unet")
     opt_state = module.optimizer_state
     if optimizer is not None:
         opt_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
-    save_state_file(state_dir, {
-        "step": module.step,
-        "optimizer": opt_state,
-        "ema": module.ema.state_dict(),
-        "scale_factor": module.scale_factor,
-        "rng": rng_state(),
-    })
+    state = {"step": module.step, "optimizer": opt_state, "scale_factor": module.scale_factor}
+    if module.ema is not None:
+        state["ema"] = module.ema.state_dict()
+    save_state_file(state_dir, state)
 
 
-def load_dm_state(module: DMModule, state_dir: Path) -> bool:
+def load_dm_state(module: DMModule, state_dir: Path, weights: bool = True) -> bool:
     state = load_state_file(Path(state_dir))
     if state is None:
         return False
-    from diffusers import UNet2DModel
+    if weights:
+        from diffusers import UNet2DModel
 
-    module.unet.load_state_dict(UNet2DModel.from_pretrained(str(Path(state_dir) / "unet")).state_dict())
+        module.unet.load_state_dict(UNet2DModel.from_pretrained(str(Path(state_dir) / "unet")).state_dict())
     module.step = int(state["step"])
     module.optimizer_state = state["optimizer"]
-    module.ema.load_state_dict(state["ema"])
-    set_rng_state(state["rng"])
+    if module.ema is not None and "ema" in state:
+        module.ema.load_state_dict(state["ema"])
     return True
 
 
@@ -133,20 +137,10 @@ class StateCheckpoint(L.Callback):
 # ---------------------------------------------------------------- shared weights
 
 
-def _prefixed(prefix: str, module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {f"{prefix}.{k}": v.detach().cpu().clone() for k, v in module.state_dict().items()}
-
-
-def _load_prefixed(prefix: str, module: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
-    own = {k[len(prefix) + 1:]: v for k, v in weights.items() if k.startswith(prefix + ".")}
-    if own:
-        module.load_state_dict(own, strict=True)
-
-
 def lae_shared_weights(module: LAEModule, include_discriminator: bool) -> dict[str, torch.Tensor]:
-    weights = _prefixed("autoencoder", module.autoencoder)
+    weights = flat("autoencoder", module.autoencoder)
     if include_discriminator:
-        weights.update(_prefixed("discriminator", module.discriminator))
+        weights.update(flat("discriminator", module.discriminator))
     return weights
 
 
@@ -166,24 +160,25 @@ def train_lae_steps(
 ) -> LocalResult:
     """Run ``steps`` LAE steps from the state in ``state_dir`` (fresh when empty) and save it back."""
     module = LAEModule(cfg)
-    resumed = load_lae_state(module, state_dir)
-    if init_weights:
-        _load_prefixed("autoencoder", module.autoencoder, init_weights)
-        _load_prefixed("discriminator", module.discriminator, init_weights)
+    from_global = init_weights is not None  # a federated round: the weights come from the server, not the disk
+    resumed = load_lae_state(module, state_dir, weights=not from_global)
+    if from_global:
+        load_part(module.autoencoder, init_weights, "autoencoder")
+        load_part(module.discriminator, init_weights, "discriminator")
     seed_everything(cfg.seed + module.step)
     if on_gpu(cfg.train) and cfg.train.channels_last:
         module = module.to(memory_format=torch.channels_last)
     log.info("LAE: %s at step %d, %d steps on %d tiles", "resumed" if resumed else "new", module.step, steps, len(dataset))
 
     def save(trainer, pl_module):
-        save_lae_state(pl_module, state_dir, trainer.optimizers)
+        save_lae_state(pl_module, state_dir, trainer.optimizers, weights=not from_global)
 
     trainer = make_trainer(cfg.train, steps, loggers, [StateCheckpoint(state_dir, ckpt_every, save), *(callbacks or [])], progress)
     loader = step_loader(dataset, cfg.tiles.batch_size, steps, cfg.seed + module.step, cfg.tiles.num_workers)
     trainer.fit(module, loader)
     module = module.cpu()
     if trainer.is_global_zero:
-        save_lae_state(module, state_dir, trainer.optimizers)
+        save_lae_state(module, state_dir, trainer.optimizers, weights=not from_global)
     return LocalResult(
         weights=lae_shared_weights(module, cfg.lae.share_discriminator),
         metrics=module.mean_metrics(),
@@ -206,27 +201,31 @@ def train_dm_steps(
     callbacks: list | None = None,
 ) -> LocalResult:
     """Run ``steps`` DM steps (encoder frozen, latents scaled by the global ``scale_factor``)."""
-    module = DMModule(cfg, autoencoder, scale_factor)
-    resumed = load_dm_state(module, state_dir)
-    if init_weights:
-        _load_prefixed("unet", module.unet, init_weights)
+    from_global = init_weights is not None  # a federated round: the server keeps the EMA (of the global model)
+    module = DMModule(cfg, autoencoder, scale_factor, ema=not from_global)
+    resumed = load_dm_state(module, state_dir, weights=not from_global)
+    if from_global:
+        load_part(module.unet, init_weights, "unet")
     seed_everything(cfg.seed + module.step)
     if on_gpu(cfg.train) and cfg.train.channels_last:
         module.unet.to(memory_format=torch.channels_last)
     log.info("DM: %s at step %d, %d steps on %d tiles", "resumed" if resumed else "new", module.step, steps, len(dataset))
 
     def save(trainer, pl_module):
-        save_dm_state(pl_module, state_dir, trainer.optimizers[0], trainer.lr_scheduler_configs[0].scheduler)
+        save_dm_state(pl_module, state_dir, trainer.optimizers[0], trainer.lr_scheduler_configs[0].scheduler,
+                      weights=not from_global)
 
     trainer = make_trainer(cfg.train, steps, loggers, [StateCheckpoint(state_dir, ckpt_every, save), *(callbacks or [])], progress)
     loader = step_loader(dataset, cfg.tiles.batch_size, steps, cfg.seed + module.step, cfg.tiles.num_workers)
     trainer.fit(module, loader)
     module = module.cpu()
-    module.ema.to("cpu")
+    if module.ema is not None:
+        module.ema.to("cpu")
     if trainer.is_global_zero:
-        save_dm_state(module, state_dir, trainer.optimizers[0], trainer.lr_scheduler_configs[0].scheduler)
+        save_dm_state(module, state_dir, trainer.optimizers[0], trainer.lr_scheduler_configs[0].scheduler,
+                      weights=not from_global)
     return LocalResult(
-        weights=_prefixed("unet", module.unet),
+        weights=flat("unet", module.unet),
         metrics=module.mean_metrics(),
         num_examples=len(dataset),
         step=module.step,

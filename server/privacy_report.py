@@ -14,8 +14,7 @@ from typing import Any, Iterable
 
 from histodiff.privacy.accountant import ACCOUNTANT_FILE
 
-# scalars a site sends besides arrays in each phase (client/client_app.py): name -> what it is
-STATISTICS = {"latent-stats": ["latent-sum", "latent-sum-sq", "latent-count", "num-examples"]}
+from wire.contract import STATISTICS  # scalars a site sends besides arrays in each phase
 
 
 def _read_json(path: Path) -> Any:
@@ -60,11 +59,9 @@ def _secure_rounds(lines: list[dict]) -> dict[str, Any] | None:
 def _arrays_per_phase(cfg) -> dict[str, int]:
     if cfg is None:
         return {}
-    try:
-        from client.outbox import phase_arrays
-    except ImportError:  # the science package without the federation
-        return {}
-    return {phase: len(phase_arrays(cfg, phase)) for phase in ("lae", "dm")}
+    from wire.contract import TRAINING_PHASES, phase_shapes
+
+    return {phase: len(phase_shapes(cfg, phase)) for phase in TRAINING_PHASES}
 
 
 def find_site_accountants(root: Path) -> dict[str, Path]:
@@ -214,14 +211,14 @@ def write_privacy_report(run_dir: str | Path, cfg=None, **kwargs) -> tuple[Path,
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m histodiff.privacy.report RUN_DIR [overrides...]``"""
+    """``python -m server.privacy_report RUN_DIR [overrides...]``"""
     import sys
 
     from histodiff.config import compose
 
     args = sys.argv[1:] if argv is None else argv
     if not args:
-        print("usage: python -m histodiff.privacy.report RUN_DIR [config overrides]", file=sys.stderr)
+        print("usage: python -m server.privacy_report RUN_DIR [config overrides]", file=sys.stderr)
         return 2
     cfg = compose(args[1:]) if len(args) > 1 else None
     for path in write_privacy_report(args[0], cfg):

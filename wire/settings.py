@@ -1,0 +1,178 @@
+"""The run config (flat kebab-case keys of ``[tool.flwr.app.config]``) as one typed object, read once by the server
+and by every site; checked against the composed model config, not against the override string.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, fields
+
+from wire.codec import TRANSFER_DTYPES
+
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi")
+
+
+class SettingsError(ValueError):
+    """A run-config value that cannot be used; the message names the key."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    profile: str = "tiny"
+    overrides: str = ""  # Hydra overrides of the model config, for every site and the server
+    seed: int = 0
+    lae_rounds: int = 2
+    dm_rounds: int = 2
+    local_steps: int = 10  # local steps per round of both phases, unless the phase sets its own
+    lae_local_steps: int = 0  # 0: local-steps (an LAE step costs 7-10x a DM step)
+    dm_local_steps: int = 0  # 0: local-steps
+    min_sites: int = 2
+    round_timeout: float = 600.0  # seconds a round waits for replies
+    wait_timeout: float = 300.0  # seconds the run waits for min-sites before it stops
+    transfer_dtype: str = "fp32"  # fp32 | bf16 | fp16 | int8 (updates up, deltas down; error feedback)
+    strategy: str = "fedavg"
+    proximal_mu: float = 0.0
+    server_lr: float = 0.01
+    server_beta1: float = 0.9
+    server_beta2: float = 0.99
+    server_tau: float = 0.001
+    server_ema: str = "auto"  # EMA of the global UNet per DM round: auto (dm.ema_decay ** dm local steps) | off | decay
+    dp_population: int = 1000  # central DP: the population the accountant assumes
+    run_dir: str = "runs/federated"
+    run_name: str = ""  # a site's state folder for this run (default: the run dir's name)
+    resume: bool = False
+    deliver: bool = True
+    augment: bool = True  # the labeled site runs its pipeline on delivery
+    deliver_poll: float = 10.0  # seconds between status queries to a labeled site running its pipeline
+    deliver_timeout: float = 7 * 24 * 3600.0  # seconds the server follows the labeled sites' pipelines
+    poll: float = 0.5
+    sites_root: str = ""  # simulation: real folders sites-root/siteN (and siteN-test for labeled sites)
+    work_root: str = ""  # simulation: the sites' work folders (default run-dir/sites)
+    labeled_partitions: str = "last"  # simulation: partition ids of the labeled sites (last: the highest)
+    phantom_per_class: int = 4  # simulation without sites-root: phantom tiles per class and site
+
+    @classmethod
+    def from_run_config(cls, run_config) -> "Settings":
+        """Every known key parsed to its type (unknown keys are Flower's or the user's and are ignored)."""
+        values = {}
+        for f in fields(cls):
+            key = f.name.replace("_", "-")
+            if key not in run_config:
+                continue
+            raw = run_config[key]
+            try:
+                values[f.name] = {"int": _int, "float": float, "bool": _bool, "str": str}[f.type](raw)
+            except (TypeError, ValueError):
+                raise SettingsError(f"run-config key '{key}' = {raw!r}: expected {f.type}") from None
+        settings = cls(**values)
+        settings.check()
+        return settings
+
+    # ------------------------------------------------------------------ checks
+
+    def check(self) -> None:
+        """What can be checked without the model config."""
+        if self.transfer_dtype not in TRANSFER_DTYPES:
+            raise SettingsError(f"run-config key 'transfer-dtype' = {self.transfer_dtype!r}; "
+                                f"expected one of {', '.join(TRANSFER_DTYPES)}")
+        if self.strategy not in STRATEGIES:
+            raise SettingsError(f"run-config key 'strategy' = {self.strategy!r}; expected one of {', '.join(STRATEGIES)}")
+        for key in ("lae_rounds", "dm_rounds", "lae_local_steps", "dm_local_steps", "phantom_per_class"):
+            if getattr(self, key) < 0:
+                raise SettingsError(f"run-config key '{key.replace('_', '-')}' must be >= 0")
+        for key in ("local_steps", "min_sites", "dp_population"):
+            if getattr(self, key) < 1:
+                raise SettingsError(f"run-config key '{key.replace('_', '-')}' must be at least 1")
+        for key in ("round_timeout", "wait_timeout", "poll", "deliver_poll", "deliver_timeout"):
+            if not getattr(self, key) > 0:
+                raise SettingsError(f"run-config key '{key.replace('_', '-')}' must be positive")
+        if self.strategy == "fedprox" and self.proximal_mu <= 0:
+            raise SettingsError("strategy fedprox needs run-config key 'proximal-mu' > 0")
+        self.ema_decay(0.0)  # raises on a bad server-ema
+        try:
+            shlex.split(self.overrides)
+        except ValueError as exc:
+            raise SettingsError(f"run-config key 'overrides' does not parse: {exc}") from None
+
+    def check_model_config(self, cfg) -> None:
+        """What depends on the composed config (privacy mode, secure aggregation)."""
+        p = cfg.privacy
+        if p.dp and p.mode == "central" and self.transfer_dtype != "fp32":
+            raise SettingsError(f"privacy.mode=central needs transfer-dtype fp32 (got {self.transfer_dtype}): "
+                                "a rounded update is no longer within the clipping norm")
+        if p.secagg and self.min_sites < 2:
+            raise SettingsError("privacy.secagg=true needs min-sites >= 2: a secure sum of one site is that site's update")
+        if p.dp and p.mode == "local" and self.strategy == "fedprox":
+            raise SettingsError("local DP-SGD (privacy.dp=true, mode=local) does not combine with strategy fedprox")
+
+    def compose(self, extra: list[str] | tuple[str, ...] = ()):
+        """The model config of this run (server side; a site adds its own paths as ``extra``), checked."""
+        from histodiff.config import compose
+
+        cfg = compose([*self.config_overrides(), *extra])
+        self.check_model_config(cfg)
+        return cfg
+
+    # ------------------------------------------------------------------ derived values
+
+    def steps(self, phase: str) -> int:
+        """Local steps per round of ``phase`` (lae or dm)."""
+        own = self.lae_local_steps if phase == "lae" else self.dm_local_steps
+        return own or self.local_steps
+
+    def ema_decay(self, dm_step_decay: float) -> float:
+        """The server EMA's decay per DM round: ``dm.ema_decay ** dm-local-steps`` under ``auto``, so that a
+        round of k local steps moves the average as much as k steps of the single-site EMA do."""
+        text = str(self.server_ema).strip().lower()
+        if text == "auto":
+            return float(dm_step_decay) ** self.steps("dm")
+        if text in ("off", "0", "0.0", "none"):
+            return 0.0
+        try:
+            decay = float(text)
+        except ValueError:
+            raise SettingsError(f"run-config key 'server-ema' = {self.server_ema!r}: auto, off or a decay in [0, 1)") from None
+        if not 0.0 <= decay < 1.0:
+            raise SettingsError(f"run-config key 'server-ema' = {decay}: a decay must be in [0, 1)")
+        return decay
+
+    def planned_dp_steps(self) -> int:
+        """DP events a site spends in the whole run: its local steps in every LAE and DM round, + 1 latent-stats release."""
+        return self.lae_rounds * self.steps("lae") + self.dm_rounds * self.steps("dm") + 1
+
+    def privacy_overrides(self) -> list[str]:
+        """``privacy.planned_steps`` for target-epsilon mode when the overrides leave it unset (harmless when DP
+        is off: nothing reads it then)."""
+        if "privacy.planned_steps" in _override_keys(self.overrides):
+            return []
+        return [f"privacy.planned_steps={self.planned_dp_steps()}"]
+
+    def config_overrides(self) -> list[str]:
+        return [f"profile={self.profile}", *shlex.split(self.overrides), *self.privacy_overrides(), f"seed={self.seed}"]
+
+    def state_name(self) -> str:
+        """The folder of this run's state at each site."""
+        from pathlib import Path
+
+        return self.run_name or Path(self.run_dir).name or "federated"
+
+
+def _override_keys(overrides: str) -> set[str]:
+    return {t.split("=", 1)[0].strip().lstrip("+~") for t in shlex.split(overrides or "") if "=" in t}
+
+
+def _int(v) -> int:
+    if isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()):
+        raise ValueError(v)
+    return int(v)
+
+
+def _bool(v) -> bool:
+    if isinstance(v, str):
+        text = v.strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off", ""):
+            return False
+        raise ValueError(v)
+    return bool(v)
