@@ -22,13 +22,13 @@ def baseline(steps: int, data: Path, work: Path, threads: int | None = None) -> 
     from histodiff.config import compose
     from histodiff.data.tiles import tile_dataset_from_config
     from histodiff.training.local import train_lae_steps
-    from strategies.checkpoint import init_lae_weights
+    from wire.contract import init_phase
 
     if threads:
         torch.set_num_threads(threads)
     cfg = compose(["profile=tiny", *OVERRIDES.split(), f"data={data}", f"work_dir={work}"])
     ds = tile_dataset_from_config(cfg)
-    weights, times = init_lae_weights(cfg, 0), []
+    weights, times = init_phase(cfg, "lae", 0), []
     for _ in range(2):
         t = time.time()
         weights = train_lae_steps(cfg, ds, work / "lae", steps, init_weights=weights, progress=False).weights
@@ -37,8 +37,8 @@ def baseline(steps: int, data: Path, work: Path, threads: int | None = None) -> 
 
 
 def federated(steps: int, root: Path, run_dir: Path) -> list[float]:
-    config = (f'overrides="{OVERRIDES}" lae-rounds=2 dm-rounds=0 deliver=false local-steps={steps} min-sites=1 '
-              f'sites-root="{root}"')
+    config = (f'overrides="{OVERRIDES}" lae-rounds=2 dm-rounds=0 deliver=false labeled-partitions="" '
+              f'local-steps={steps} min-sites=1 sites-root="{root}"')
     return [m["seconds"] for m in simulate(run_dir, 1, config, 1200) if m["phase"] == "lae"]
 
 

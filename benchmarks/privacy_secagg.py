@@ -24,8 +24,8 @@ from benchmarks import TINY_OVERRIDES, simulate
 def federation(sites: int, steps: int, secagg: bool, root: Path) -> list[dict]:
     run_dir = root / ("secagg" if secagg else "plain")
     overrides = TINY_OVERRIDES + (" privacy.secagg=true" if secagg else "")
-    config = (f'overrides="{overrides}" lae-rounds=2 dm-rounds=2 deliver=false local-steps={steps} '
-              f'min-sites={min(sites, 2)} work-root="{root / "sites"}" run-name="{run_dir.name}"')
+    config = (f'overrides="{overrides}" lae-rounds=2 dm-rounds=2 deliver=false labeled-partitions="" '
+              f'local-steps={steps} min-sites={min(sites, 2)} work-root="{root / "sites"}" run-name="{run_dir.name}"')
     return simulate(run_dir, sites, config)
 
 
@@ -50,7 +50,7 @@ def bench_paper(sites: int) -> dict:
 
     from histodiff.config import compose
     from histodiff.models.unet import build_unet
-    from strategies.secagg import SecAggParams, SecureSum, SiteSecAgg
+    from wire.secagg import SecAggParams, SecureSum, SiteSecAgg
 
     cfg = compose(["profile=paper"])
     with torch.device("meta"):

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     log.info("site %s (%s): %d tiles in %s; work dir %s", site, args.role, n, args.data, work)
-    from server.flwr_cli import flower_env
+    from wire.flower_env import flower_env
 
     cmd = supernode_cmd(args, work, site)
     os.execvpe(cmd[0], cmd, flower_env())  # this process becomes the SuperNode (signals reach it directly)

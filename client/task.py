@@ -5,10 +5,7 @@ Everything a site keeps between rounds lives under ``<work>/<run-name>/``, never
 
 from __future__ import annotations
 
-import json
 import logging
-import shlex
-import time
 from dataclasses import dataclass
 from pathlib import Path
 

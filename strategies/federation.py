@@ -50,7 +50,7 @@ class Federation:
         self.weights: dict[str, torch.Tensor] = {}  # the exact fp32 global model, every phase's arrays
         self.broadcast = {phase: Broadcast(settings.transfer_dtype) for phase in contract.TRAINING_PHASES}
         self.state: ServerState = start_state(self.plan)
-        self.ema_decay = settings.ema_decay(cfg.dm.ema_decay)
+        self.ema_rule = settings.ema_rule(cfg.dm.ema_decay)
         self.opt, self.ema = build_server_optimizer("fedavg"), ServerEMA(0.0)
         # each site's reported epsilon per round, refusals, exhausted sites; central DP's server-side accountant
         self.privacy = PrivacyLedger(self.run_dir)
@@ -136,7 +136,7 @@ class Federation:
         s = self.s
         self.opt = build_server_optimizer(s.strategy, s.server_lr, s.server_beta1, s.server_beta2, s.server_tau)
         # the delivered and exported UNet is an EMA (as in the paper and the single-site path); the LAE is not
-        self.ema = ServerEMA(self.ema_decay if self.state.phase == "dm" else 0.0)
+        self.ema = ServerEMA(*self.ema_rule) if self.state.phase == "dm" else ServerEMA(0.0)
 
     def _commit(self, line: dict) -> None:
         finished_phase = self.state.phase

@@ -92,26 +92,43 @@ def build_server_optimizer(name: str, eta: float = 1e-2, beta1: float = 0.9, bet
 
 
 class ServerEMA:
-    """Exponential moving average of the global weights across rounds (what is delivered when enabled)."""
+    """Exponential moving average of the global weights, one update per round (what is delivered when enabled).
 
-    def __init__(self, decay: float):
+    ``decay`` applies per local step and a round counts ``steps_per_round`` of them, so a round moves the average
+    as ``steps_per_round`` steps of a single-site EMA do; with ``warmup`` each step's decay is
+    ``min(decay, (1 + s) / (10 + s))`` at global step ``s``, diffusers' ``EMAModel`` rule.
+    """
+
+    def __init__(self, decay: float, steps_per_round: int = 1, warmup: bool = False):
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"server-ema must be in [0, 1), got {decay}")
-        self.decay = decay
+        self.decay, self.steps, self.warmup = decay, max(1, int(steps_per_round)), warmup
         self.shadow: dict[str, torch.Tensor] = {}
+        self.rounds = 0
 
     @property
     def enabled(self) -> bool:
         return self.decay > 0
 
+    def round_decay(self, r: int) -> float:
+        """The decay applied at round ``r`` (1-based): the product of its steps' decays."""
+        if not self.warmup:
+            return self.decay ** self.steps
+        out = 1.0
+        for s in range((r - 1) * self.steps + 1, r * self.steps + 1):
+            out *= min(self.decay, (1 + s) / (10 + s))
+        return out
+
     def update(self, weights: dict[str, torch.Tensor]) -> None:
         if not self.enabled:
             return
+        self.rounds += 1
+        decay = self.round_decay(self.rounds)
         for k, w in weights.items():
             if k not in self.shadow or not w.is_floating_point():
                 self.shadow[k] = w.clone()
             else:
-                self.shadow[k].mul_(self.decay).add_(w, alpha=1 - self.decay)
+                self.shadow[k].mul_(decay).add_(w, alpha=1 - decay)
 
     def weights(self, fallback: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The EMA weights where it has them, ``fallback`` (the raw global model) elsewhere."""
@@ -120,7 +137,10 @@ class ServerEMA:
         return {k: self.shadow.get(k, v) for k, v in fallback.items()}
 
     def state_dict(self):
-        return {f"ema/{k}": v for k, v in self.shadow.items()}
+        if not self.enabled:
+            return {}
+        return {**{f"ema/{k}": v for k, v in self.shadow.items()}, "ema-rounds": torch.tensor(self.rounds)}
 
     def load_state_dict(self, state):
         self.shadow = {k[4:]: v.clone() for k, v in state.items() if k.startswith("ema/")}
+        self.rounds = int(state["ema-rounds"]) if "ema-rounds" in state else 0

@@ -10,7 +10,6 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from client.client_app import app
 from client.task import site_from_context
-from histodiff.config import compose
 from histodiff.privacy import SiteAccountant
 from wire.codec import from_record
 from strategies.checkpoint import read_metrics

@@ -8,7 +8,7 @@ import torch
 
 from histodiff.training.latent_stats import LatentStats, latent_moments
 from strategies.aggregate import MetricMean, ReplyMismatch, StreamingMean
-from wire.codec import TRANSFER_DTYPES, decode_tensor, from_record, to_record
+from wire.codec import decode_tensor, from_record, to_record
 from strategies.schedule import Plan, ServerState, advance, load_state, save_state, start_state
 from strategies.server_opt import FedAdam, FedYogi, ServerEMA, build_server_optimizer
 from wire.settings import Settings

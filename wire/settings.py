@@ -120,21 +120,27 @@ class Settings:
         own = self.lae_local_steps if phase == "lae" else self.dm_local_steps
         return own or self.local_steps
 
-    def ema_decay(self, dm_step_decay: float) -> float:
-        """The server EMA's decay per DM round: ``dm.ema_decay ** dm-local-steps`` under ``auto``, so that a
-        round of k local steps moves the average as much as k steps of the single-site EMA do."""
+    def ema_rule(self, dm_step_decay: float) -> tuple[float, int, bool]:
+        """The server EMA of the UNet as (decay per step, steps per DM round, warm-up). ``auto``: the single-site
+        rule (``dm.ema_decay`` per local step, diffusers' warm-up), so a round of k local steps moves the average
+        as k single-site steps do; a number: that decay per round; ``off``: no EMA."""
         text = str(self.server_ema).strip().lower()
         if text == "auto":
-            return float(dm_step_decay) ** self.steps("dm")
+            return float(dm_step_decay), self.steps("dm"), True
         if text in ("off", "0", "0.0", "none"):
-            return 0.0
+            return 0.0, 1, False
         try:
             decay = float(text)
         except ValueError:
             raise SettingsError(f"run-config key 'server-ema' = {self.server_ema!r}: auto, off or a decay in [0, 1)") from None
         if not 0.0 <= decay < 1.0:
             raise SettingsError(f"run-config key 'server-ema' = {decay}: a decay must be in [0, 1)")
-        return decay
+        return decay, 1, False
+
+    def ema_decay(self, dm_step_decay: float) -> float:
+        """The steady-state decay per DM round (``dm.ema_decay ** dm-local-steps`` under ``auto``)."""
+        decay, steps, _ = self.ema_rule(dm_step_decay)
+        return decay ** steps
 
     def planned_dp_steps(self) -> int:
         """DP events a site spends in the whole run: its local steps in every LAE and DM round, + 1 latent-stats release."""
