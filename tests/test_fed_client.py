@@ -79,7 +79,12 @@ def test_train_lae_handler_sends_only_the_lae_arrays(cfg, tmp_path):
     metrics = reply.content["metrics"]
     assert metrics["num-examples"] == 9 and metrics["step"] == 1 and "rec" in metrics
     assert set(reply.content.keys()) == {"arrays", "metrics"}
-    assert (tmp_path / "sites" / "site0" / "run" / "lae" / "training_state.pt").is_file()  # state on disk
+    state = tmp_path / "sites" / "site0" / "run" / "lae"
+    assert (state / "training_state.pt").is_file()  # optimiser state and step on disk
+    # the server holds the weights and sends them every round: a site neither writes nor reads its own copy,
+    # and keeps no RNG state (each round is seeded by its step)
+    assert not (state / "autoencoder").exists() and not (state / "discriminator.safetensors").exists()
+    assert set(torch.load(state / "training_state.pt", weights_only=True)) == {"step", "optimizers"}
 
 
 def test_handler_refuses_to_send_an_extra_array(cfg, tmp_path, monkeypatch):

@@ -89,11 +89,16 @@ def test_central_dp_noise_accounting_and_client_clipping(tmp_path):
     from client.privacy import clip_update
     from strategies.privacy import CentralDP
 
-    g = {"a": torch.zeros(4, 5), "n": torch.tensor(3)}
-    w = {"a": torch.full((4, 5), 1.0), "n": torch.tensor(7)}
-    clipped, norm = clip_update(w, g, 0.5)
-    assert norm == pytest.approx(np.sqrt(20)) and float(clipped["a"].norm()) == pytest.approx(0.5, rel=1e-5)
-    assert int(clipped["n"]) == 3  # integer buffers are not part of the update
+    from histodiff.config import compose
+
+    central = compose(["profile=tiny", "privacy.dp=true", "privacy.mode=central", "privacy.noise_multiplier=1.0"])
+    update = {"a": torch.full((4, 5), 1.0), "n": torch.tensor(7)}  # w - g; an integer buffer travels as a value
+    clipped, m = clip_update(central, update, 0.5)
+    assert m["dp-update-norm"] == pytest.approx(np.sqrt(20)) and float(clipped["a"].norm()) == pytest.approx(0.5, rel=1e-5)
+    assert m["dp-clipped"] == 1.0 and int(clipped["n"]) == 7  # integer buffers are no part of the clipped norm
+    small, m = clip_update(central, {"a": torch.full((4, 5), 0.01)}, 0.5)
+    assert m["dp-clipped"] == 0.0 and torch.equal(small["a"], torch.full((4, 5), 0.01))
+    assert clip_update(compose(["profile=tiny"]), update, 0.5) == (update, {})  # not in central mode: unchanged
 
     dp = CentralDP(noise_multiplier=2.0, clipping_norm=0.5, delta=1e-5, target_epsilon=6.0, population_size=3)
     assert dp.config_values() == {"clipping_norm": 0.5}
