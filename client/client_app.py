@@ -44,9 +44,13 @@ def _metrics(values: dict) -> MetricRecord:
 
 @app.query("role")
 def role(message: Message, context: Context) -> Message:
-    """The server asks which sites pre-train (unlabeled) and which receive the model (labeled)."""
-    site = task.site_from_context(context.node_config, context.run_config)
-    return _reply(message, RecordDict({METRICS_KEY: _metrics({"labeled": int(site.role == "labeled")})}), {})
+    """The server asks which sites pre-train (unlabeled) and which receive the model (labeled), and how many tiles an
+    unlabeled site has: the most it will ever claim as its FedAvg weight."""
+    site, cfg, _ = _site(context)
+    values = {"labeled": int(site.role == "labeled")}
+    if site.role == "unlabeled":
+        values["tiles"] = len(task.load_dataset(cfg))
+    return _reply(message, RecordDict({METRICS_KEY: _metrics(values)}), {})
 
 
 def _refuse_labeled(site) -> None:

@@ -45,9 +45,13 @@ class StreamingMean:
         if not weight > 0:
             raise ReplyMismatch(f"reply weight must be positive, got {weight}")
         self.check(record)
+        self.add_tensors({name: decode_tensor(record[name]) for name in record.keys()}, weight)
+
+    def add_tensors(self, update: dict[str, torch.Tensor], weight: float) -> None:
+        """Add a reply already decoded and checked (``strategies.validate.update_of``); the tensors are consumed."""
         take_ints = weight > self._int_weight
-        for name in list(record.keys()):
-            t = decode_tensor(record[name])
+        for name in list(update):
+            t = update.pop(name)
             if t.is_floating_point():
                 if name in self.sums:
                     self.sums[name].add_(t, alpha=weight)
@@ -83,3 +87,43 @@ class MetricMean:
 
     def mean(self) -> dict[str, float]:
         return {k: self.sums[k] / self.weights[k] for k in sorted(self.sums)}
+
+
+class RobustAggregate:
+    """Coordinate-wise median, or trimmed mean (``trim``: the fraction cut at each end), of the sites' updates,
+    unweighted: one site, one vote, so no site buys influence with a large ``num-examples``. It holds every
+    reply of the round (memory: one update per site), unlike the streaming mean."""
+
+    def __init__(self, kind: str, trim: float = 0.2):
+        if kind not in ("median", "trimmed-mean") or not 0 <= trim < 0.5:
+            raise ValueError(f"robust aggregator {kind!r} with trim {trim}")
+        self.kind, self.trim = kind, trim
+        self.updates: list[dict[str, torch.Tensor]] = []
+        self.count = 0
+
+    def add_tensors(self, update: dict[str, torch.Tensor], weight: float) -> None:
+        self.updates.append(update)
+        self.count += 1
+
+    def mean(self) -> dict[str, torch.Tensor]:
+        if not self.updates:
+            raise ValueError("no replies to aggregate")
+        out = {}
+        n = len(self.updates)
+        cut = int(self.trim * n)
+        for name, first in self.updates[0].items():
+            if not first.is_floating_point():
+                out[name] = max((u[name] for u in self.updates), key=lambda t: int(t.max()) if t.numel() else 0).clone()
+                continue
+            stacked = torch.stack([u[name] for u in self.updates])
+            if self.kind == "median":
+                out[name] = stacked.median(dim=0).values if n % 2 else stacked.sort(dim=0).values[n // 2 - 1:n // 2 + 1].mean(0)
+            else:
+                out[name] = stacked.sort(dim=0).values[cut:n - cut].mean(0)
+            del stacked
+        return out
+
+
+def build_aggregator(kind: str, expected: dict[str, tuple[int, ...]], trim: float = 0.2):
+    """``mean`` (streaming, tile-weighted), ``median`` or ``trimmed-mean`` (robust, unweighted)."""
+    return StreamingMean(expected) if kind == "mean" else RobustAggregate(kind, trim)

@@ -6,6 +6,7 @@ Every kind of round (training, latent statistics, SecAgg+ stages, delivery) is t
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -14,6 +15,8 @@ from flwr.serverapp import Grid
 
 from strategies.aggregate import ReplyMismatch
 from strategies.rounds import RoundTrip
+
+log = logging.getLogger("histodiff.fed")
 
 
 class RoundFailed(RuntimeError):
@@ -59,6 +62,11 @@ def collect(grid: Grid, messages: list[Message], timeout: float, poll: float,
             out.answered.append(node)
         except (RuntimeError, KeyError, ValueError, TypeError, ReplyMismatch) as exc:
             out.dropped[node] = str(exc)
+            if refused is not None:
+                refused(node, str(exc))
+        except Exception as exc:  # noqa: BLE001 - whatever a reply holds, it never stops the server
+            log.warning("reply of node %s rejected", node, exc_info=True)
+            out.dropped[node] = f"malformed reply ({type(exc).__name__}: {str(exc)[:160]})"
             if refused is not None:
                 refused(node, str(exc))
     for node in trip.missing:

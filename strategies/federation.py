@@ -8,6 +8,7 @@ Helpers: ``collect`` (send, collect, note dropped sites), ``secure_rounds`` (Sec
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Callable
@@ -19,7 +20,8 @@ from flwr.serverapp.exception import PrivacyBudgetExhausted as CentralBudgetExha
 
 from histodiff.training.latent_stats import LatentStats
 from strategies import checkpoint as ckpt
-from strategies.aggregate import MetricMean, StreamingMean
+from strategies import validate
+from strategies.aggregate import MetricMean, build_aggregator
 from strategies.collect import Collected, RoundFailed, collect
 from strategies.privacy import CentralDP, PrivacyLedger, without_privacy_metrics
 from strategies.report import progress_line, round_line
@@ -28,7 +30,7 @@ from strategies.secure_rounds import SecureRounds, summary
 from strategies.server_opt import ServerEMA, build_server_optimizer
 from wire import contract
 from wire.codec import to_record, weights_digest
-from wire.contract import ARRAYS_KEY, AUTOENCODER_KEY, CONFIG_KEY, METRICS_KEY
+from wire.contract import ARRAYS_KEY, AUTOENCODER_KEY, CONFIG_KEY
 from wire.downlink import Broadcast
 from wire.secagg import RECORD_KEY, STATS_SHAPES
 from wire.settings import Settings
@@ -175,7 +177,11 @@ class Federation:
         unknown = [n for n in nodes if str(n) not in self.state.roles]
         if unknown:
             def take(node, reply):
-                self.state.roles[str(node)] = "labeled" if int(reply.content[METRICS_KEY]["labeled"]) else "unlabeled"
+                m = validate.metrics_of(reply.content)
+                self.state.roles[str(node)] = "labeled" if int(m["labeled"]) else "unlabeled"
+                if "tiles" in m:  # the most num-examples this site may ever claim
+                    self.state.declared[str(node)] = int(validate.num_examples({"num-examples": m["tiles"]}, None,
+                                                                                self.s.max_examples))
 
             got = collect(self.grid, [Message(RecordDict({CONFIG_KEY: ConfigRecord({"phase": "role"})}), n,
                                               "query.role", ttl=self.s.round_timeout + 60) for n in unknown],
@@ -263,17 +269,23 @@ class Federation:
                 content[RECORD_KEY] = secure.forward(node, equal_weights=self.central is not None)
             messages.append(self._message(content, node, f"train.{phase}"))
         del ae_record
-        acc = None if secure else StreamingMean({k: tuple(v.shape) for k, v in base.items()})
+        acc = None if secure else build_aggregator(self.s.aggregator, {k: tuple(v.shape) for k, v in base.items()},
+                                                   self.s.trim_fraction)
+        expected = {k: (tuple(v.shape), v.is_floating_point()) for k, v in base.items()}
+        guard = validate.NormGuard(self.s.norm_bound, self.s.norm_action, self.state.norm_reference.get(phase))
         metrics, clipped = MetricMean(), {}
 
         def take(node: int, reply: Message) -> int:
-            arrays, m = reply.content[ARRAYS_KEY], reply.content[METRICS_KEY]
-            n = float(m["num-examples"])
+            # the whole reply is checked before any of it reaches the aggregate
+            m = validate.metrics_of(reply.content)
+            n = validate.num_examples(m, self.state.declared.get(str(node)), self.s.max_examples)
+            arrays = reply.content[ARRAYS_KEY]
             if secure:
                 secure.add_masked(node, arrays)  # only the masked upload; its weight is inside it
                 clipped[node] = float(m.get("secagg-clipped", 0.0))
             else:
-                acc.add(arrays, 1.0 if self.central else n)  # central DP: equal weights bound the sensitivity
+                update, _ = guard.check(validate.update_of(reply.content, expected))
+                acc.add_tensors(update, 1.0 if self.central else n)  # central DP: equal weights bound the sensitivity
             metrics.add({k: v for k, v in without_privacy_metrics(m).items()
                          if k not in ("num-examples", "step", "secagg-clipped")}, n)
             self.privacy.record(node, phase, self.state.global_round + 1, m, len(arrays), arrays.count_bytes())
@@ -304,6 +316,8 @@ class Federation:
         self.weights.update(new)
         self.ema.update(new)
         down.confirm(got.answered)
+        if guard.norms:
+            self.state.norm_reference[phase] = guard.next_reference()
         line = self._line(phase, start, got, metrics.mean())
         if secure:
             line["secagg"] = summary(secure, clipped)
@@ -327,12 +341,17 @@ class Federation:
         del record
         parts = []
 
+        lae = self.cfg.lae
+        latent_values = lae.latent_channels * (self.cfg.tiles.image_size // 2 ** (len(lae.block_out_channels) - 1)) ** 2
+
         def take(node: int, reply: Message) -> int:
-            m = reply.content[METRICS_KEY]
+            m = validate.metrics_of(reply.content)
             if secure:
+                validate.num_examples(m, self.state.declared.get(str(node)), self.s.max_examples)
                 secure.add_masked(node, reply.content[ARRAYS_KEY])
             else:
-                parts.append(LatentStats(float(m["latent-sum"]), float(m["latent-sum-sq"]), int(m["latent-count"])))
+                parts.append(LatentStats(*validate.latent_stats(m, self.state.declared.get(str(node)),
+                                                                self.s.max_examples, latent_values)))
             self.privacy.record(node, "latent-stats", self.state.global_round + 1, m)
             return 0
 
@@ -349,6 +368,12 @@ class Federation:
         else:
             got.require(self.s.min_sites)
         total = LatentStats.combine(parts)
+        try:
+            scale = total.scale_factor
+        except ValueError as exc:
+            raise RoundFailed(str(exc)) from None
+        if not (math.isfinite(scale) and scale > 0):
+            raise RoundFailed(f"the latent statistics give scale_factor {scale}; not used")
         self.state.scale_factor = float(total.scale_factor)
         self.state.latent_stats = total.to_dict()
         self.state.has_lae = sorted(got.answered)

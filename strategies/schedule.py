@@ -32,6 +32,8 @@ class ServerState:
     lae_digest: str | None = None  # hash of the frozen global autoencoder used by the DM phase
     has_lae: list[int] = field(default_factory=list)  # nodes holding that autoencoder
     roles: dict[str, str] = field(default_factory=dict)  # node id -> unlabeled | labeled
+    declared: dict[str, int] = field(default_factory=dict)  # node id -> tiles it declared when it joined
+    norm_reference: dict[str, float] = field(default_factory=dict)  # phase -> median update norm of its last round
     delivered: dict[str, int] = field(default_factory=dict)  # labeled nodes that took the global model -> bytes
     checkpoint: str | None = None  # folder of the last round's global weights, relative to the run dir
     status: str = "running"  # running | done | stopped

@@ -345,8 +345,16 @@ class SecureSum:
         bad = [n for n, (shape, dtype) in got.items() if shape != self.shapes[n] or dtype != "uint32"]
         if bad:
             raise SecAggError(f"masked array {bad[0]} is {got[bad[0]]}, expected uint32 {self.shapes[bad[0]]}")
-        for name in record.keys():
-            a = record[name].numpy()
+        arrays = {}
+        for name in record.keys():  # every payload decoded and checked before any is added
+            try:
+                a = record[name].numpy()
+            except Exception as exc:  # noqa: BLE001 - a payload that does not decode is the upload's fault
+                raise SecAggError(f"masked array {name} does not decode: {type(exc).__name__}") from None
+            if a.shape != self.shapes[name] or a.dtype != np.uint32:
+                raise SecAggError(f"masked array {name}: payload {a.dtype} {a.shape}, declared uint32 {self.shapes[name]}")
+            arrays[name] = a
+        for name, a in arrays.items():
             if name in self.sums:
                 np.add(self.sums[name], a, out=self.sums[name])
             else:

@@ -10,6 +10,8 @@ from dataclasses import dataclass, fields
 from wire.codec import TRANSFER_DTYPES
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi")
+AGGREGATORS = ("mean", "median", "trimmed-mean")
+NORM_ACTIONS = ("refuse", "clip")
 
 
 class SettingsError(ValueError):
@@ -38,6 +40,11 @@ class Settings:
     server_tau: float = 0.001
     server_ema: str = "auto"  # EMA of the global UNet per DM round: auto (dm.ema_decay ** dm local steps) | off | decay
     dp_population: int = 1000  # central DP: the population the accountant assumes
+    aggregator: str = "mean"  # mean (streaming, tile-weighted) | median | trimmed-mean (robust, one site one vote)
+    trim_fraction: float = 0.2  # trimmed-mean: the fraction cut at each end, per coordinate
+    norm_bound: float = 10.0  # an update above this x the reference norm is refused or clipped (0: off)
+    norm_action: str = "refuse"  # refuse | clip
+    max_examples: int = 1_000_000_000  # the largest num-examples (FedAvg weight) a site may claim
     run_dir: str = "runs/federated"
     run_name: str = ""  # a site's state folder for this run (default: the run dir's name)
     resume: bool = False
@@ -86,6 +93,12 @@ class Settings:
         for key in ("round_timeout", "wait_timeout", "poll", "deliver_poll", "deliver_timeout"):
             if not getattr(self, key) > 0:
                 raise SettingsError(f"run-config key '{key.replace('_', '-')}' must be positive")
+        for key, allowed in (("aggregator", AGGREGATORS), ("norm_action", NORM_ACTIONS)):
+            if getattr(self, key) not in allowed:
+                raise SettingsError(f"run-config key '{key.replace('_', '-')}' = {getattr(self, key)!r}; "
+                                    f"expected one of {', '.join(allowed)}")
+        if not 0 <= self.trim_fraction < 0.5 or self.norm_bound < 0 or self.max_examples < 1:
+            raise SettingsError("run-config keys: trim-fraction must be in [0, 0.5), norm-bound >= 0, max-examples >= 1")
         if self.strategy == "fedprox" and self.proximal_mu <= 0:
             raise SettingsError("strategy fedprox needs run-config key 'proximal-mu' > 0")
         self.ema_decay(0.0)  # raises on a bad server-ema
@@ -102,6 +115,11 @@ class Settings:
                                 "a rounded update is no longer within the clipping norm")
         if p.secagg and self.min_sites < 2:
             raise SettingsError("privacy.secagg=true needs min-sites >= 2: a secure sum of one site is that site's update")
+        if p.secagg and self.aggregator != "mean":
+            raise SettingsError(f"aggregator {self.aggregator} needs each site's update; under privacy.secagg=true the "
+                                "server sees only their sum: use aggregator=mean")
+        if p.dp and p.mode == "central" and self.aggregator != "mean":
+            raise SettingsError("central DP calibrates its noise to the mean of clipped updates: use aggregator=mean")
         if p.dp and p.mode == "local" and self.strategy == "fedprox":
             raise SettingsError("local DP-SGD (privacy.dp=true, mode=local) does not combine with strategy fedprox")
 
