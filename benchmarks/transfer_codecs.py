@@ -70,7 +70,7 @@ def federation(root: Path, dtype: str, args, secagg: bool = False) -> tuple[list
     run = root / f"{dtype}{'-secagg' if secagg else ''}"
     overrides = OVERRIDES + (" privacy.secagg=true" if secagg else "")
     rc = {"profile": "tiny", "overrides": overrides, "lae-rounds": 1 if secagg else args.lae_rounds,
-          "dm-rounds": 1 if secagg else args.dm_rounds, "lae-local-steps": args.lae_steps,
+          "dm-rounds": 0 if secagg else args.dm_rounds, "lae-local-steps": args.lae_steps,
           "dm-local-steps": args.dm_steps, "min-sites": 3, "deliver": False, "run-dir": str(run),
           "work-root": str(run / "sites"), "phantom-per-class": args.per_class, "transfer-dtype": dtype,
           "labeled-partitions": "", "poll": 0.01}

@@ -174,12 +174,6 @@ class Settings:
     def config_overrides(self) -> list[str]:
         return [f"profile={self.profile}", *shlex.split(self.overrides), *self.privacy_overrides(), f"seed={self.seed}"]
 
-    def state_name(self) -> str:
-        """The folder of this run's state at each site."""
-        from pathlib import Path
-
-        return self.run_name or Path(self.run_dir).name or "federated"
-
 
 def _override_keys(overrides: str) -> set[str]:
     return {t.split("=", 1)[0].strip().lstrip("+~") for t in shlex.split(overrides or "") if "=" in t}
