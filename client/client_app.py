@@ -27,7 +27,7 @@ app = ClientApp()
 def _site(context: Context):
     """This site, its composed config and the run's settings (parsed once per message)."""
     settings = Settings.from_run_config(context.run_config)
-    site = task.site_from_context(context.node_config, context.run_config)
+    site = task.site_from_context(context.node_config, settings)
     cfg = task.site_config(settings, site)
     task.ensure_phantom(cfg, site, settings.phantom_per_class, int(cfg.seed))
     return site, cfg, settings

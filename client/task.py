@@ -44,40 +44,49 @@ def _labeled_partitions(text, num_partitions) -> set[int]:
     return ids
 
 
-def run_name(run_config) -> str:
-    name = str(run_config.get("run-name", "") or "")
-    return name or Path(str(run_config.get("run-dir", "runs/federated"))).name or "federated"
+def run_name(settings) -> str:
+    """The folder of this run's state at each site: ``run-name``, else the run directory's name."""
+    settings = _settings(settings)
+    return settings.run_name or Path(settings.run_dir).name or "federated"
 
 
-def site_from_context(node_config, run_config) -> Site:
+def _settings(run_config):
+    """The run's typed settings (``wire.settings.Settings``), parsed from a raw run config when given one."""
+    from wire.settings import Settings
+
+    return run_config if isinstance(run_config, Settings) else Settings.from_run_config(run_config)
+
+
+def site_from_context(node_config, settings) -> Site:
     """Deployment: the node config names data-path, site-name, role, work-dir.
 
     Simulation (no data-path): Flower sets partition-id and num-partitions; the run config's labeled-partitions
     (ids and/or ``last``; the project default is ``last``) picks the labeled site(s). Data: ``<sites-root>/site<id>/``
     (a labeled site's test tiles in ``site<id>-test/`` beside it) or, without sites-root, phantom tiles in the
-    site's own stain style, generated once under ``<work-root>/site<id>/``.
+    site's own stain style, generated once under ``<work-root>/site<id>/``. ``settings``: the run's
+    ``wire.settings.Settings`` (or its raw run config).
     """
+    s = _settings(settings)
     if "data-path" in node_config:
         work = Path(str(node_config.get("work-dir", "") or Path(str(node_config["data-path"])).parent / "work"))
         role = str(node_config.get("role", "unlabeled"))
         name = str(node_config.get("site-name", "") or Path(str(node_config["data-path"])).name)
         test = node_config.get("test-path")
-        site = Site(name, role, Path(str(node_config["data-path"])), work, work / run_name(run_config),
+        site = Site(name, role, Path(str(node_config["data-path"])), work, work / run_name(s),
                     Path(str(test)) if test else None)
     else:
         pid = int(node_config.get("partition-id", 0))
-        root = Path(str(run_config.get("work-root", "") or Path(str(run_config.get("run-dir", "runs/federated"))) / "sites"))
+        root = Path(s.work_root or Path(s.run_dir) / "sites")
         work = root / f"site{pid}"
-        labeled = _labeled_partitions(run_config.get("labeled-partitions", ""), node_config.get("num-partitions"))
+        labeled = _labeled_partitions(s.labeled_partitions, node_config.get("num-partitions"))
         role = "labeled" if pid in labeled else "unlabeled"
-        sites_root = str(run_config.get("sites-root", "") or "")
+        sites_root = s.sites_root
         data = Path(sites_root) / f"site{pid}" if sites_root else work / "phantom-tiles"
         test = None
         if role == "labeled":  # a sites-root holds siteN-test/ beside siteN/; a phantom site makes its own
             test = Path(sites_root) / f"site{pid}-test" if sites_root else work / "phantom-test"
             test = test if not sites_root or test.is_dir() else None
-        site = Site(f"site{pid}", role, data, work, work / run_name(run_config), test,
-                    None if sites_root else pid)
+        site = Site(f"site{pid}", role, data, work, work / run_name(s), test, None if sites_root else pid)
     if site.role not in ROLES:
         raise ValueError(f"site role {site.role!r}; expected one of {', '.join(ROLES)}")
     return site

@@ -103,12 +103,21 @@ def load_global_model(directory: str | Path, cfg=None):
     info_path = directory / MODEL_INFO
     if not info_path.is_file():
         raise InputError(f"{directory} is not a HistoDiffusion model folder (no {MODEL_INFO})")
-    info = json.loads(info_path.read_text())
+    try:
+        info = json.loads(info_path.read_text())
+        info.get("profile")
+    except (ValueError, AttributeError) as exc:
+        raise InputError(f"{info_path} is not a JSON object of model info ({str(exc).splitlines()[0]})") from exc
     if cfg is not None and (info.get("profile") != cfg.profile or info.get("image_size") != cfg.tiles.image_size):
         raise InputError(
             f"model {directory} was trained with profile {info.get('profile')} at {info.get('image_size')} px; "
             f"this run uses profile {cfg.profile} at {cfg.tiles.image_size} px"
         )
-    autoencoder = AutoencoderKL.from_pretrained(str(directory / "autoencoder"))
-    unet = UNet2DModel.from_pretrained(str(directory / "unet"))
-    return autoencoder.eval(), unet.eval(), info
+    models = []
+    for cls, name in ((AutoencoderKL, "autoencoder"), (UNet2DModel, "unet")):
+        try:
+            models.append(cls.from_pretrained(str(directory / name)).eval())
+        except Exception as exc:  # noqa: BLE001 - missing, truncated or foreign files: name the folder, one line
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise InputError(f"cannot load {directory / name} ({type(exc).__name__}: {first})") from exc
+    return models[0], models[1], info

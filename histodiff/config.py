@@ -6,6 +6,7 @@ unknown key or a value of the wrong type is refused with a one-line message.
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,6 +152,7 @@ class AugmentConfig:
     min_val_per_class: int = 1
     latent_eval_timesteps: list[int] = field(default_factory=lambda: [0, 250, 500, 750, 999])
     grid_tiles: int = 8  # real and synthetic tiles per class in grids/<CLASS>.png
+    allow_overlap: bool = False  # test tiles that are also training tiles: a warning instead of an error
 
 
 @dataclass
@@ -207,22 +209,107 @@ _CHOICES = {
 }
 
 
+# numeric ranges: a bad value stops composition with the key named, before any data is read or model built
+_POSITIVE = (
+    "tiles.image_size", "tiles.batch_size", "tiles.max_image_pixels", "train.steps", "train.log_every",
+    "train.ckpt_every", "lae.lr", "lae.layers_per_block", "lae.latent_channels", "lae.norm_num_groups",
+    "lae.disc_channels", "dm.num_train_timesteps", "dm.ddim_steps", "dm.lr", "dm.beta_start",
+    "dm.unet.layers_per_block", "dm.unet.num_heads", "dm.unet.norm_num_groups", "latent_classifier.lr",
+    "latent_classifier.steps", "latent_classifier.layers_per_block", "latent_classifier.num_heads",
+    "latent_classifier.norm_num_groups", "latent_classifier.pool_heads", "latent_classifier.num_classes",
+    "aux_classifier.lr", "aux_classifier.img_size", "aux_classifier.epochs", "downstream.lr", "downstream.img_size",
+    "downstream.epochs", "sample.num_samples", "sample.batch_size", "sample.nrow", "augment.candidates_factor",
+    "augment.sample_batch_size", "augment.decoder_lr",
+)
+_NON_NEGATIVE = (
+    "tiles.num_workers", "lae.kl_weight", "lae.perceptual_weight", "lae.disc_start", "lae.disc_weight",
+    "lae.disc_factor", "lae.disc_layers", "dm.weight_decay", "dm.warmup_steps", "aux_classifier.weight_decay",
+    "downstream.weight_decay", "train.grad_clip", "augment.feature_threshold", "augment.pixel_threshold",
+    "augment.lambda_ce", "augment.decoder_steps", "augment.min_val_per_class", "augment.grid_tiles",
+)
+# (key, low, high, high included): fractions, probabilities, decays
+_RANGES = (
+    ("dm.ema_decay", 0.0, 1.0, False),
+    ("dm.beta_end", 0.0, 1.0, False),
+    ("dm.eta", 0.0, 1.0, True),
+    ("dm.unet.dropout", 0.0, 1.0, False),
+    ("augment.tau", 0.0, 1.0, True),
+    ("augment.val_fraction", 0.0, 1.0, False),
+)
+# channel lists, their GroupNorm group count and (for attention) the head count of the first level
+_CHANNELS = (
+    ("lae.block_out_channels", "lae.norm_num_groups", None),
+    ("dm.unet.block_out_channels", "dm.unet.norm_num_groups", "dm.unet.num_heads"),
+    ("latent_classifier.block_out_channels", "latent_classifier.norm_num_groups", "latent_classifier.num_heads"),
+)
+
+
+def _check_ranges(cfg: DictConfig) -> None:
+    for key in _POSITIVE:  # written as "not >" so that nan is refused too
+        value = OmegaConf.select(cfg, key)
+        if not (value > 0 and math.isfinite(value)):
+            raise ConfigError(f"config key '{key}' must be positive, got {value}")
+    for key in _NON_NEGATIVE:
+        value = OmegaConf.select(cfg, key)
+        if not (value >= 0 and math.isfinite(value)):
+            raise ConfigError(f"config key '{key}' must be >= 0, got {value}")
+    for key, low, high, closed in _RANGES:
+        value = OmegaConf.select(cfg, key)
+        if not (low <= value <= high if closed else low <= value < high):
+            raise ConfigError(f"config key '{key}' must be in [{low:g}, {high:g}{']' if closed else ')'}, got {value}")
+    if cfg.dm.beta_start >= cfg.dm.beta_end:
+        raise ConfigError(f"config key 'dm.beta_start' ({cfg.dm.beta_start}) must be below dm.beta_end ({cfg.dm.beta_end})")
+    betas = list(cfg.lae.betas)
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise ConfigError(f"config key 'lae.betas' must be two Adam betas in [0, 1), got {betas}")
+    for key, groups_key, heads_key in _CHANNELS:
+        channels, groups = list(OmegaConf.select(cfg, key)), OmegaConf.select(cfg, groups_key)
+        if not channels:
+            raise ConfigError(f"config key '{key}' must list at least one channel count, got []")
+        bad = [c for c in channels if c <= 0 or c % groups]
+        if bad:
+            raise ConfigError(f"config key '{key}' has {bad[0]} channels: each level needs a positive multiple of "
+                              f"{groups_key} ({groups})")
+        if heads_key is not None and channels[0] % OmegaConf.select(cfg, heads_key):
+            raise ConfigError(f"config key '{key}': its first level ({channels[0]}) must be divisible by "
+                              f"{heads_key} ({OmegaConf.select(cfg, heads_key)})")
+    a = cfg.augment
+    for key in ("augment.ratios", "augment.random_ratios"):
+        bad = [r for r in OmegaConf.select(cfg, key) if not r > 0]
+        if bad:
+            raise ConfigError(f"config key '{key}' holds {bad[0]}: augmentation ratios (synthetic / real) must be > 0")
+    if not a.seeds:
+        raise ConfigError("config key 'augment.seeds' must list at least one downstream seed")
+    if a.val_fraction == 0 and a.min_val_per_class == 0:
+        raise ConfigError("config keys 'augment.val_fraction' and 'augment.min_val_per_class' are both 0: "
+                          "no validation split would be left")
+    bad = [t for t in a.latent_eval_timesteps if not 0 <= t < cfg.dm.num_train_timesteps]
+    if bad:
+        raise ConfigError(f"config key 'augment.latent_eval_timesteps' holds {bad[0]}: timesteps are in "
+                          f"[0, dm.num_train_timesteps) = [0, {cfg.dm.num_train_timesteps})")
+
+
 def _validate(cfg: DictConfig) -> None:
     for key, allowed in _CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
             raise ConfigError(f"config key '{key}' is {value!r}; expected one of {', '.join(allowed)}")
-    for key in ("tiles.image_size", "tiles.batch_size", "train.steps", "dm.num_train_timesteps", "dm.ddim_steps"):
-        if OmegaConf.select(cfg, key) <= 0:
-            raise ConfigError(f"config key '{key}' must be positive, got {OmegaConf.select(cfg, key)}")
+    _check_ranges(cfg)
     if len(cfg.dm.unet.attention_levels) != len(cfg.dm.unet.block_out_channels):
         raise ConfigError("dm.unet.attention_levels must have one entry per dm.unet.block_out_channels level")
+    if len(cfg.latent_classifier.attention_levels) != len(cfg.latent_classifier.block_out_channels):
+        raise ConfigError("latent_classifier.attention_levels must have one entry per "
+                          "latent_classifier.block_out_channels level")
     if cfg.dm.ddim_steps > cfg.dm.num_train_timesteps:
         raise ConfigError("dm.ddim_steps cannot exceed dm.num_train_timesteps")
     privacy = cfg.privacy
     if privacy.dp:
         if not 0 < privacy.delta < 1 or privacy.target_epsilon <= 0 or privacy.max_grad_norm <= 0:
             raise ConfigError("privacy needs 0 < delta < 1, target_epsilon > 0 and max_grad_norm > 0")
+        if privacy.noise_multiplier is not None and privacy.noise_multiplier <= 0:
+            raise ConfigError(f"config key 'privacy.noise_multiplier' must be positive, got {privacy.noise_multiplier}")
+        if privacy.latent_clip <= 0:
+            raise ConfigError(f"config key 'privacy.latent_clip' must be positive, got {privacy.latent_clip}")
         if privacy.noise_multiplier is None and privacy.mode == "local" and privacy.planned_steps <= 0:
             raise ConfigError("privacy.noise_multiplier is null: set privacy.planned_steps (DP steps of the whole run)")
         if privacy.noise_multiplier is None and privacy.mode == "central":
@@ -240,6 +327,10 @@ def _validate(cfg: DictConfig) -> None:
     factor = 2 ** (len(cfg.lae.block_out_channels) - 1)
     if cfg.tiles.image_size % factor:
         raise ConfigError(f"tiles.image_size {cfg.tiles.image_size} is not divisible by the LAE factor {factor}")
+    latent, unet_factor = cfg.tiles.image_size // factor, 2 ** (len(cfg.dm.unet.block_out_channels) - 1)
+    if latent % unet_factor:
+        raise ConfigError(f"tiles.image_size {cfg.tiles.image_size} gives {latent} px latents, not divisible by the "
+                          f"UNet's {unet_factor} (2 ** (levels of dm.unet.block_out_channels - 1))")
 
 
 def _register() -> None:

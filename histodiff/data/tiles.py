@@ -6,10 +6,13 @@ Every image is checked once when the index is built; the index is cached in the 
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import json
+import logging
 import os
 import warnings
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -26,6 +29,9 @@ MIN_SIDE = 8  # below this an image has no tissue structure left to learn from
 INDEX_FILE = "tile_index.json"
 REPORT_FILE = "tile_report.json"
 _INDEX_VERSION = 1
+
+log = logging.getLogger("histodiff.data")
+_ANNOUNCED: set[tuple[str, int]] = set()  # (folder, size) whose resize was already stated in this process
 
 
 @dataclass
@@ -164,28 +170,57 @@ def _walk(root: Path) -> tuple[list[str], list[tuple[str, str]]]:
     def visit(folder: str, rel: str) -> None:
         try:
             items = sorted(os.scandir(folder), key=lambda d: d.name)
-        except OSError:
-            refused.append((rel or ".", "folder cannot be listed"))
+        except OSError as exc:
+            refused.append((rel or ".", f"folder cannot be listed ({_first_line(exc)})"))
             return
         for item in items:
             if item.name.startswith("."):
                 continue
             item_rel = f"{rel}/{item.name}" if rel else item.name
-            real = os.path.realpath(item.path)
-            if item.is_symlink() and not inside(real):
-                if item.is_dir() or item.name.lower().endswith(IMAGE_EXTENSIONS):
-                    refused.append((item_rel, "symlink leads outside the data folder; not followed"))
+            # one bad entry (a link loop, a dangling link, no permission) is listed, never fatal
+            try:
+                problem = _entry_problem(item)
+                if problem is not None:
+                    refused.append((item_rel, problem))
+                    continue
+                real = os.path.realpath(item.path)
+                if item.is_symlink() and not inside(real):
+                    if item.is_dir() or item.name.lower().endswith(IMAGE_EXTENSIONS):
+                        refused.append((item_rel, "symlink leads outside the data folder; not followed"))
+                    continue
+                is_dir = item.is_dir()
+                is_tile = not is_dir and item.name.lower().endswith(IMAGE_EXTENSIONS)
+                if is_tile and not item.is_file():  # reading a FIFO would block, a device never end
+                    refused.append((item_rel, "not a regular file (a FIFO, socket or device); skipped"))
+                    continue
+            except OSError as exc:
+                refused.append((item_rel, f"filesystem error ({_first_line(exc)}); skipped"))
                 continue
-            if item.is_dir():
+            if is_dir:
                 if real in visited:  # a link back into a folder already seen: a loop or a duplicate
                     continue
                 visited.add(real)
                 visit(item.path, item_rel)
-            elif item.name.lower().endswith(IMAGE_EXTENSIONS):
+            elif is_tile:
                 found.append(item_rel)
 
     visit(str(root), "")
     return sorted(found), refused
+
+
+def _entry_problem(item: os.DirEntry) -> str | None:
+    """Why a folder entry cannot be followed (a symlink loop or a dangling link), or None."""
+    if not item.is_symlink():
+        return None
+    try:
+        os.stat(item.path)  # follows the link, as reading the tile would
+    except FileNotFoundError:
+        return "dangling symlink (its target does not exist); skipped"
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "symlink loop; not followed"
+        return f"symlink cannot be followed ({_first_line(exc)}); skipped"
+    return None
 
 
 def _read_csv(csv_path: Path, root: Path) -> dict[str, str]:
@@ -254,11 +289,14 @@ def scan_tiles(
     work_dir: str | Path | None = None,
     max_image_pixels: int = 100_000_000,
     labeled: bool | None = None,
+    report_name: str = REPORT_FILE,
 ) -> TileIndex:
     """Build (or reuse from ``work_dir``) the verified index of the tiles under ``root``.
 
     ``labeled=None``: labels from the CSV if given, else from class sub-folders when every tile is in
     one, else unlabeled. ``labeled=True`` without a CSV demands sub-folders; ``False`` ignores labels.
+    The report of what was skipped goes to ``work_dir/report_name``: one file per folder, so a caller
+    scanning two folders with one work directory gives each its own name.
     """
     root = Path(root).expanduser()
     if not root.exists():
@@ -283,7 +321,7 @@ def scan_tiles(
         extra = [source]
 
     key = hashlib.sha1(json.dumps([str(root), source, labeled, max_image_pixels]).encode()).hexdigest()
-    fingerprint = _fingerprint(root, files, extra)
+    fingerprint = _fingerprint(root, files, [*extra, refused])  # a new link loop alone also rebuilds
     work = Path(work_dir).expanduser() if work_dir is not None else None
     cache = _load_cache(work / INDEX_FILE) if work is not None else None
     cached = cache["indexes"].get(key) if cache is not None else None
@@ -310,9 +348,13 @@ def scan_tiles(
             }
             _write_json(work / INDEX_FILE, cache)
 
-    report = work / REPORT_FILE if work is not None else None
+    report = work / report_name if work is not None else None
     if report is not None:
         _write_json(report, _report(index, len(files)))
+    if index.skipped and index.entries:
+        where = f"listed in {report}" if report is not None else f"first: {index.skipped[0][0]}: {index.skipped[0][1]}"
+        log.warning("skipped %d of %d entries under %s (unreadable or not images, links out of the folder, "
+                    "link loops); %s", len(index.skipped), len(files) + len(refused), root, where)
     if not index.entries:
         where = f"see {report}" if report is not None else "no work directory, so no report was written"
         if not files:
@@ -400,13 +442,15 @@ class TileFolder(torch.utils.data.Dataset):
         index: TileIndex | None = None,
         subset: list[int] | None = None,
         augment: bool | None = None,
+        report_name: str = REPORT_FILE,
     ) -> None:
         if image_size <= 0:
             raise InputError(f"image_size must be positive, got {image_size}")
         if index is None:
             if root is None:
                 raise InputError("TileFolder needs a data folder or a prebuilt index")
-            index = scan_tiles(root, labels_csv, work_dir, max_image_pixels, labeled)
+            index = scan_tiles(root, labels_csv, work_dir, max_image_pixels, labeled, report_name)
+            _announce_resize(index, image_size)
         self.index = index
         self.classes = index.classes
         self.image_size = image_size
@@ -443,6 +487,20 @@ class TileFolder(torch.utils.data.Dataset):
             if torch.rand(()) < 0.5:
                 x = torch.flip(x, dims=(2,))
         return x.contiguous(), label
+
+
+def _announce_resize(index: TileIndex, image_size: int) -> None:
+    """State once per folder (and process) that its tiles are served at another size than they have."""
+    other = Counter(wh for wh in index.sizes if wh != (image_size, image_size))
+    key = (str(index.root), image_size)
+    if not other or key in _ANNOUNCED:
+        return
+    _ANNOUNCED.add(key)
+    sizes = ", ".join(f"{w}x{h} px ({n})" for (w, h), n in other.most_common(3))
+    more = f" and {len(other) - 3} other size(s)" if len(other) > 3 else ""
+    log.info("%d of %d tiles under %s are %s%s: resized (shorter side) and centre-cropped to %dx%d px "
+             "(tiles.image_size)", sum(other.values()), len(index.sizes), index.root, sizes, more, image_size,
+             image_size)
 
 
 def tile_dataset_from_config(cfg: Any, train: bool = True, data: str | Path | None = None,
