@@ -10,33 +10,40 @@ import os
 import signal
 import socket
 import subprocess
-import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
+
+from wire.flower_env import flower_env  # noqa: F401 - the processes started here use it
 
 log = logging.getLogger("histodiff.fed")
 CONNECTION = "histodiff"
 
 
-def flower_env(flwr_home: Path | None = None) -> dict[str, str]:
-    """The environment every flower process gets: the venv's bin on PATH, no telemetry, no runtime installs."""
-    env = dict(os.environ)
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    env.update(HF_HUB_OFFLINE="1", FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
-               FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", PYTHONUNBUFFERED="1")
-    if flwr_home is not None:
-        env["FLWR_HOME"] = str(flwr_home)
-        # Ray's socket paths must stay under 107 bytes: a short folder of our own, not one under the run dir
-        env.setdefault("RAY_TMPDIR", str(Path(tempfile.gettempdir()) / f"hdfed-ray-{os.getuid()}"))
-    return env
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free on ``host`` (the address the process that takes it will bind)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as s:
+        s.bind((host.strip("[]"), 0))
         return s.getsockname()[1]
+
+
+def is_wildcard(host: str) -> bool:
+    """A bind-all address (``0.0.0.0``, ``::``)."""
+    return host.strip("[]") in ("", "0.0.0.0", "::")
+
+
+def connect_host(bind: str) -> str:
+    """Where a process on this machine reaches a server bound to ``bind``: loopback for a bind-all address
+    (what Flower's SuperExec does too), else the bind address itself."""
+    host = bind.strip("[]")
+    return {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+
+
+def hostport(host: str, port: int) -> str:
+    """``HOST:PORT``, an IPv6 address in brackets."""
+    host = host.strip("[]")
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def write_flwr_home(home: Path, superlink: str, root_certificates: Path | None, insecure: bool = False) -> Path:
@@ -76,6 +83,10 @@ def stop(proc: subprocess.Popen | None, grace: float = 10.0) -> None:
 
 def superlink_cmd(port: int, certs: Path | None, database: Path | None = None, auth: bool = True,
                   host: str = "127.0.0.1", simulation: bool = False) -> list[str]:
+    """``flower-superlink`` on ``host:port``. In Flower 1.42 one HTTP(S) server there serves the Fleet API (what
+    SuperNodes reach), the Control API (where ``flwr run`` submits runs) and the Runtime API: its
+    ``--fleet-api-address``/``--control-api-address`` are deprecated and ignored (they only configure legacy gRPC
+    servers behind internal switches), so the Control API cannot be kept on loopback while sites connect."""
     cmd = ["flower-superlink", "--host", host, "--port", str(port), "--disable-runtime-dependency-installation"]
     if certs is None:
         cmd.append("--insecure")
@@ -91,13 +102,15 @@ def superlink_cmd(port: int, certs: Path | None, database: Path | None = None, a
     return cmd
 
 
-def wait_healthy(port: int, proc: subprocess.Popen, timeout: float = 60.0, tls: bool = True) -> None:
-    """Wait for the SuperLink's ``/health`` (any HTTP answer counts: the port serves)."""
+def wait_healthy(port: int, proc: subprocess.Popen, timeout: float = 60.0, tls: bool = True,
+                 host: str = "127.0.0.1") -> None:
+    """Wait for the SuperLink's ``/health`` on ``host:port`` (any HTTP answer counts: the port serves); ``host`` is
+    where it listens (``connect_host`` of its bind address)."""
     import ssl
 
     ctx = ssl.create_default_context()
     ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
-    url = f"{'https' if tls else 'http'}://127.0.0.1:{port}/health"
+    url = f"{'https' if tls else 'http'}://{hostport(connect_host(host), port)}/health"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -109,7 +122,7 @@ def wait_healthy(port: int, proc: subprocess.Popen, timeout: float = 60.0, tls: 
             return
         except Exception:  # noqa: BLE001 - not up yet
             time.sleep(0.5)
-    raise TimeoutError(f"SuperLink on port {port} not healthy after {timeout:.0f} s")
+    raise TimeoutError(f"SuperLink on {hostport(connect_host(host), port)} not healthy after {timeout:.0f} s")
 
 
 def register_keys(flwr_home: Path, public_keys: list[Path], timeout: float = 60.0) -> None:

@@ -2,15 +2,26 @@
 
 Starts a SuperLink (TLS + SuperNode authentication unless ``--insecure``) or joins one, submits the federated
 run with ``flwr run`` under a project-controlled FLWR_HOME, streams one progress line per round, and stops
-every process it started on exit (also on Ctrl-C and errors). Exit code 0 done, 3 stopped, 1 failed.
+every process it started on exit (also on Ctrl-C and errors). Exit code 0 done, 3 stopped, 1 failed, 2 refused
+(bad arguments or credentials that do not fit the addresses).
+
+Addresses of a SuperLink it starts: ``--host`` is the bind address (default 127.0.0.1: only this machine can
+connect; sites on other machines need ``--host 0.0.0.0`` or the coordinator's own address), ``--advertise`` the
+name(s) sites connect to (default: ``--host`` when it is one address; with a bind-all ``--host``, the names the
+existing certificate carries). New credentials name both; existing ones must (else it refuses, in one line).
+Once the SuperLink is up it prints each site's ``python -m client.run`` command line. Flower 1.42 serves the Fleet
+API, the Control API (run submission) and the Runtime API on this one port: let only the sites reach it.
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import logging
 import queue
+import shlex
+import socket
 import subprocess
 import sys
 import threading
@@ -32,7 +43,14 @@ def parse(argv):
     p.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue the run in RUN_DIR at its next round")
     p.add_argument("--superlink", default=None, help="join this SuperLink (HOST:PORT) instead of starting one")
     p.add_argument("--port", type=int, default=None, help="port of the SuperLink to start (default: a free one)")
-    p.add_argument("--host", default="127.0.0.1", help="bind address of the SuperLink to start")
+    p.add_argument("--host", default=None,
+                   help="bind address of the SuperLink to start (default 127.0.0.1: this machine only; "
+                        "0.0.0.0 or the coordinator's address lets sites on other machines connect)")
+    p.add_argument("--advertise", action="append", default=[], metavar="NAME",
+                   help="host name or IP address sites connect to (repeatable; default: --host unless bind-all): "
+                        "put into new credentials, checked against existing ones, used in the printed site commands")
+    p.add_argument("--labeled-site", action="append", default=[], metavar="SITE",
+                   help="print this site's command with --role labeled (the printed commands only)")
     p.add_argument("--certs", default=None, help="credentials folder (default: <run-dir>/certs, created)")
     p.add_argument("--sites", type=int, default=3, help="site keys to create with new credentials")
     p.add_argument("--register", nargs="*", default=None, help="site public keys to register (default: all created)")
@@ -63,38 +81,149 @@ def main(argv: list[str] | None = None) -> int:
     user_config = args.config or saved.get("config", "")
     try:
         superlink = args.superlink or saved.get("joined")
-        if superlink is None:
-            port = args.port or saved.get("port") or flwr_cli.free_port()
-            superlink = f"127.0.0.1:{port}"
-            if certs is not None and not (certs / "ca.crt").is_file():
-                from server.certs import create
-
-                create(certs, args.sites, [] if args.host in ("127.0.0.1", "0.0.0.0") else [args.host])
-                log.info("created test credentials in %s", certs)
+        own_link = superlink is None
+        if own_link:
+            bind = args.host or saved.get("host") or "127.0.0.1"
+            labeled = args.labeled_site or saved.get("labeled_sites", [])
+            port = args.port or saved.get("port") or flwr_cli.free_port(bind)
+            # the coordinator's own flwr commands (and the SuperLink's SuperExec) connect where it listens
+            superlink = flwr_cli.hostport(flwr_cli.connect_host(bind), port)
+            advertised: list[str] = []
+            if not args.simulation:
+                advertised = addresses(bind, args.advertise or saved.get("advertise", []), certs, args.sites)
+                _bind_notes(bind, port, advertised)
             env = flwr_cli.flower_env(run_dir / "flwr-home")
             db = None if args.simulation else run_dir / "superlink.db"
-            proc = flwr_cli.start(flwr_cli.superlink_cmd(port, certs, db, host=args.host, simulation=bool(args.simulation)),
+            proc = flwr_cli.start(flwr_cli.superlink_cmd(port, certs, db, host=bind, simulation=bool(args.simulation)),
                                   env, run_dir / "logs" / "superlink.log", cwd=run_dir)
             started.append(proc)
-            flwr_cli.wait_healthy(port, proc, tls=certs is not None)
-            _save(run_dir, {"port": port, "certs": str(certs) if certs else None, "insecure": insecure,
+            flwr_cli.wait_healthy(port, proc, tls=certs is not None, host=bind)
+            _save(run_dir, {"port": port, "host": bind, "advertise": advertised, "labeled_sites": labeled,
+                            "certs": str(certs) if certs else None, "insecure": insecure,
                             "superlink_pid": proc.pid, "config": user_config})
-            log.info("SuperLink on %s (pid %d, log %s)", superlink, proc.pid, run_dir / "logs" / "superlink.log")
+            log.info("SuperLink listening on %s (pid %d, log %s)", flwr_cli.hostport(bind, port), proc.pid,
+                     run_dir / "logs" / "superlink.log")
         else:
             _save(run_dir, {"joined": superlink, "certs": str(certs) if certs else None, "insecure": insecure,
                             "config": user_config})
         home = flwr_cli.write_flwr_home(run_dir / "flwr-home", superlink, certs / "ca.crt" if certs else None, insecure)
+        keys: list[Path] = []
         if not args.superlink and certs is not None:
             keys = [Path(k) for k in args.register] if args.register is not None else sorted((certs / "sites").glob("*.pub"))
             flwr_cli.register_keys(home, keys)
+        if own_link and not args.simulation:
+            sites = [k.name[:-len(".pub")] if k.name.endswith(".pub") else k.name for k in keys]
+            print("[fed] each site runs this, with its own tile folders for /site/..."
+                  + (f" and copies of {_show(certs / 'ca.crt')} and of its own key only (never ca.key)"
+                     if certs else " (--insecure: no TLS, no authentication)") + ":", flush=True)
+            for line in site_commands(flwr_cli.hostport(advertised[0], port), certs, sites, labeled):
+                print(f"  {line}", flush=True)
         config = f'run-dir="{run_dir}" resume={"true" if args.resume else "false"} {user_config}'.strip()
         return _submit(home, config, run_dir, args, started)
+    except AddressError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
     except KeyboardInterrupt:
         log.warning("interrupted: stopping the processes this command started")
         return 130
     finally:
         for proc in reversed(started):
             flwr_cli.stop(proc)
+
+
+class AddressError(Exception):
+    """Why the SuperLink was not started: its addresses and credentials do not fit (one line)."""
+
+
+def _show(path: Path) -> str:
+    """``path`` relative to the working directory where it is under it (as an operator would type it)."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _is_loopback(host: str) -> bool:
+    host = host.strip("[]").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def addresses(bind: str, advertise: list[str], certs: Path | None, sites: int = 3) -> list[str]:
+    """The names sites connect to (first: the one printed). Creates credentials naming them (and a specific bind
+    address) when ``certs`` has none; otherwise checks that its certificate names them and the address the
+    coordinator's own commands use. Raises ``AddressError`` (one line) when they do not fit."""
+    from server import certs as credentials
+
+    named = list(dict.fromkeys(n.strip() for item in advertise for n in str(item).split(",") if n.strip()))
+    local = flwr_cli.connect_host(bind)
+    wildcard = flwr_cli.is_wildcard(bind)
+    if certs is None:  # --insecure: nothing to check against
+        return named or [socket.getfqdn() if wildcard else bind]
+    if not (certs / "ca.crt").is_file() and not (certs / "server.pem").exists():
+        if not named and wildcard:
+            raise AddressError(f"--host {bind} binds every interface: pass --advertise NAME (the host name or address "
+                               "sites connect to) so the new certificate names it")
+        named = named or [bind]
+        try:
+            credentials.create(certs, sites, [*named, *([] if wildcard else [bind])])
+        except credentials.CredentialsError as exc:
+            raise AddressError(str(exc)) from None
+        log.info("created credentials in %s for %s", certs, ", ".join(credentials.cert_names(certs / "server.pem")))
+        return named
+    pem = certs / "server.pem"
+    if not pem.is_file():
+        raise AddressError(f"{_show(pem)} not found: issue it with python -m server.certs --out {_show(certs)} "
+                           f"--server-cert --host {named[0] if named else 'NAME'}")
+    names = credentials.cert_names(pem)
+    if not named:
+        named = [bind] if not wildcard else [n for n in names if not _is_loopback(n)]
+        if not named:
+            raise AddressError(f"--host {bind} binds every interface but {_show(pem)} names only {', '.join(names)}: "
+                               f"pass --advertise NAME and re-issue it with python -m server.certs --out {_show(certs)} "
+                               "--server-cert --host NAME --force")
+    for host, who in [*((n, "sites") for n in named), (local, "the coordinator's own flwr commands")]:
+        if not credentials.covers(names, host):
+            raise AddressError(
+                f"{_show(pem)} does not name {host}, which {who} connect to (it names {', '.join(names)}): TLS "
+                f"verification would fail; re-issue it with python -m server.certs --out {_show(certs)} --server-cert "
+                f"--host {','.join(dict.fromkeys([*named, *([] if wildcard else [bind])]))} --force, or --advertise a "
+                "name it carries")
+    return named
+
+
+def _bind_notes(bind: str, port: int, advertised: list[str]) -> None:
+    where = flwr_cli.hostport(bind, port)
+    if _is_loopback(bind):
+        log.warning("the SuperLink listens on %s, a loopback address: sites on other machines cannot reach it%s; "
+                    "pass --host 0.0.0.0 --advertise NAME, or --host <the coordinator's address>", where,
+                    f" at {', '.join(a for a in advertised if not _is_loopback(a))}"
+                    if any(not _is_loopback(a) for a in advertised) else "")
+    else:
+        log.warning("the SuperLink listens on %s; Flower 1.42 serves run submission (Control API, no account "
+                    "authentication) on that same port: let only the sites' addresses reach it (firewall)", where)
+    log.info("sites connect to %s", ", ".join(flwr_cli.hostport(a, port) for a in advertised))
+
+
+def site_commands(superlink: str, certs: Path | None, sites: list[str], labeled=()) -> list[str]:
+    """The ``python -m client.run`` line each site runs to join this SuperLink."""
+    lines = []
+    for site in sites or ["SITE"]:
+        role = "labeled" if site in labeled else "unlabeled"
+        cmd = ["python", "-m", "client.run", "--data", "/site/labeled" if role == "labeled" else "/site/tiles"]
+        if role == "labeled":
+            cmd += ["--test-data", "/site/test"]
+        cmd += ["--superlink", superlink]
+        if certs is None:
+            cmd.append("--insecure")
+        else:
+            cmd += ["--root-certificates", _show(certs / "ca.crt"), "--auth-key", _show(certs / "sites" / site)]
+        lines.append(shlex.join(cmd + ["--site", site, "--role", role]))
+    return lines
 
 
 def _save(run_dir: Path, values: dict) -> None:

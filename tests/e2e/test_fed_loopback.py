@@ -1,6 +1,9 @@
 """Real Flower processes on loopback: a SuperLink and 3 SuperNodes with TLS and node authentication."""
 
 import json
+import shlex
+import socket
+import subprocess
 import sys
 
 import pytest
@@ -9,9 +12,14 @@ from server import flwr_cli
 from server.certs import create
 from strategies.checkpoint import read_metrics
 from strategies.schedule import load_state
-from tests.e2e.loopback import OVERRIDES, Processes, make_sites, run_config, wait_for
+from tests.e2e.loopback import OVERRIDES, REPO, Processes, make_sites, run_config, wait_for
 
 pytestmark = pytest.mark.e2e
+
+# The coordinator's address in the README-commands test: a loopback address that is not localhost, so a
+# certificate naming only localhost/127.0.0.1, or a SuperLink bound to 127.0.0.1, fails the test (Linux routes all
+# of 127.0.0.0/8 to the loopback interface). Only loopback addresses are ever used here.
+COORDINATOR = "127.0.0.2"
 
 
 @pytest.fixture
@@ -26,21 +34,54 @@ def _server_cmd(run_dir, port, certs, **extra):
             "--config", run_config(**extra), "--timeout", "420"]
 
 
+def _readme_env() -> dict:
+    """Flower's environment for commands run, like the README's, from a folder outside the checkout."""
+    env = flwr_cli.flower_env()
+    env["PYTHONPATH"] = str(REPO) + (":" + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def _printed_site_commands(log_file) -> dict[str, list[str]]:
+    """The ``python -m client.run`` lines ``server.run`` printed, by site."""
+    text = log_file.read_text(errors="replace") if log_file.exists() else ""
+    argvs = [shlex.split(line) for line in text.splitlines() if line.startswith("  python -m client.run ")]
+    return {argv[argv.index("--site") + 1]: argv for argv in argvs}
+
+
 @pytest.mark.timeout(600)
 def test_tls_auth_federation_three_sites(tmp_path, procs):
-    """The deployment path end to end, with SecAgg+ on: its secrets live in each SuperNode's run context
-    between the protocol's messages (the simulation e2e test covers plain aggregation)."""
-    certs = create(tmp_path / "certs", 3)
+    """The README's deployment commands end to end, the coordinator reached at 127.0.0.2 (not localhost):
+    ``server.certs --host``, ``server.run --host``, and each site runs the command line ``server.run`` printed.
+    SecAgg+ is on: its secrets live in each SuperNode's run context between the protocol's messages (the
+    simulation e2e test covers plain aggregation)."""
     sites = make_sites(tmp_path / "data", 3)
-    port = flwr_cli.free_port()
+    env = _readme_env()
+    res = subprocess.run([sys.executable, "-m", "server.certs", "--out", "certs", "--sites", "3", "--host", COORDINATOR],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    port = flwr_cli.free_port(COORDINATOR)
     run_dir = tmp_path / "run"
-    server = procs.start("server", _server_cmd(run_dir, port, certs,
-                                               overrides=f'"{OVERRIDES} privacy.secagg=true"'))
-    wait_for(lambda: (run_dir / "flwr-run.log").exists() or (run_dir / "logs" / "flwr-run.log").exists()
-             or server.poll() is not None, 120, "the run to be submitted")
+    server = procs.start("server", [sys.executable, "-m", "server.run", "--run-dir", "run", "--certs", "certs",
+                                    "--host", COORDINATOR, "--port", str(port), "--timeout", "420", "--config",
+                                    run_config(overrides=f'"{OVERRIDES} privacy.secagg=true"')], env=env, cwd=tmp_path)
+    server_log = tmp_path / "logs" / "server.log"
+    wait_for(lambda: len(_printed_site_commands(server_log)) == 3 or server.poll() is not None, 120,
+             "the site command lines", details=lambda: procs.log("server"))
+    assert server.poll() is None, procs.log("server")
+    commands = _printed_site_commands(server_log)
+    with pytest.raises(OSError):  # it listens on the address it was given, not on 127.0.0.1
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
     for i, data in enumerate(sites):
-        procs.supernode(f"site{i}", data, f"127.0.0.1:{port}", certs, certs / "sites" / f"site{i}", tmp_path / f"w{i}")
-    assert server.wait(timeout=480) == 0, (tmp_path / "logs" / "server.log").read_text()[-3000:]
+        argv = commands[f"site{i}"]
+        assert argv[:3] == ["python", "-m", "client.run"]
+        assert argv[argv.index("--superlink") + 1] == f"{COORDINATOR}:{port}"
+        assert argv[argv.index("--root-certificates") + 1] == "certs/ca.crt"
+        assert argv[argv.index("--auth-key") + 1] == f"certs/sites/site{i}"
+        assert argv[argv.index("--role") + 1] == "unlabeled"
+        argv[argv.index("--data") + 1] = str(data)  # the site's own tile folder
+        procs.start(f"site{i}", [sys.executable, *argv[1:], "--work", str(tmp_path / f"w{i}"),
+                                 "--port", str(flwr_cli.free_port()), "--overrides", OVERRIDES], env=env, cwd=tmp_path)
+    assert server.wait(timeout=480) == 0, server_log.read_text()[-3000:]
     state = load_state(run_dir)
     assert state.status == "done" and state.scale_factor > 0
     metrics = read_metrics(run_dir)
@@ -51,8 +92,9 @@ def test_tls_auth_federation_three_sites(tmp_path, procs):
     info = json.loads((run_dir / "global_model" / "model_info.json").read_text())
     assert info["scale_factor"] == pytest.approx(state.scale_factor)
     assert (run_dir / state.checkpoint / "unet" / "config.json").is_file()
-    out = (tmp_path / "logs" / "server.log").read_text()
+    out = server_log.read_text()
     assert "[fed] lae round 1/1" in out and "[fed] dm round 1/1" in out
+    assert f"SuperLink listening on {COORDINATOR}:{port}" in out
 
 
 @pytest.mark.timeout(180)
