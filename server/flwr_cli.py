@@ -14,6 +14,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from server.lock import set_parent_death_signal
 from wire.flower_env import flower_env  # noqa: F401 - the processes started here use it
 
 log = logging.getLogger("histodiff.fed")
@@ -62,7 +63,9 @@ def write_flwr_home(home: Path, superlink: str, root_certificates: Path | None, 
 def start(cmd: list[str], env: dict, log_file: Path, cwd: Path | None = None) -> subprocess.Popen:
     log_file.parent.mkdir(parents=True, exist_ok=True)
     out = open(log_file, "ab")
-    return subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    # its own process group (stopped as one), and SIGTERM when this coordinator dies, however it dies
+    return subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=set_parent_death_signal)
 
 
 def stop(proc: subprocess.Popen | None, grace: float = 10.0) -> None:

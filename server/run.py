@@ -21,6 +21,7 @@ import json
 import logging
 import queue
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -29,7 +30,8 @@ import time
 from pathlib import Path
 
 from server import flwr_cli
-from strategies.schedule import load_state
+from server.lock import RunDirBusy, RunLock, reap, reap_flower, set_parent_death_signal
+from strategies.schedule import STATE_FILE, load_state
 
 log = logging.getLogger("histodiff.fed")
 APP_DIR = Path(__file__).resolve().parent.parent
@@ -68,8 +70,40 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     args = parse(sys.argv[1:] if argv is None else argv)
     run_dir = Path(args.resume or args.run_dir).resolve()
+    if args.resume and not ((run_dir / COORDINATOR_FILE).is_file() or (run_dir / STATE_FILE).is_file()):
+        print(f"error: --resume {args.resume}: not a federated run directory (no {COORDINATOR_FILE} or "
+              f"{STATE_FILE} in {run_dir})", file=sys.stderr)
+        return 2
+    try:
+        check_config(args.config)
+    except ValueError as exc:
+        print(f"error: --config: {exc}", file=sys.stderr)
+        return 2
     run_dir.mkdir(parents=True, exist_ok=True)
+    signal.signal(signal.SIGTERM, _on_term)
+    signal.signal(signal.SIGHUP, _on_term)
+    try:
+        lock = RunLock(run_dir).acquire()  # one coordinator per run directory, released when this process dies
+    except RunDirBusy as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return _coordinate(args, run_dir)
+    finally:
+        lock.release()
+
+
+def _coordinate(args, run_dir: Path) -> int:
     saved = json.loads((run_dir / COORDINATOR_FILE).read_text()) if args.resume and (run_dir / COORDINATOR_FILE).is_file() else {}
+    # a killed coordinator's processes never run beside this one: its process groups and Flower's own
+    # sessions under this run's FLWR_HOME are stopped before anything starts
+    gone = reap(saved.get("pgids", [])) + reap_flower(run_dir / "flwr-home")
+    if gone:
+        log.warning("stopped %d process(es) of an earlier coordinator of %s", len(gone), run_dir)
+    if args.resume:
+        args.simulation = args.simulation or int(saved.get("simulation", 0))  # resume needs nothing repeated
+        if args.config and saved.get("config") is not None and args.config != saved.get("config"):
+            log.warning("run config changed on resume: was %r, now %r", saved.get("config"), args.config)
     insecure = args.insecure or saved.get("insecure", False) or bool(args.simulation)
     if args.simulation:
         log.info("simulation of %d sites on this machine: loopback SuperLink without TLS", args.simulation)
@@ -97,14 +131,15 @@ def main(argv: list[str] | None = None) -> int:
             proc = flwr_cli.start(flwr_cli.superlink_cmd(port, certs, db, host=bind, simulation=bool(args.simulation)),
                                   env, run_dir / "logs" / "superlink.log", cwd=run_dir)
             started.append(proc)
+            _record_pgids(run_dir, started)
             flwr_cli.wait_healthy(port, proc, tls=certs is not None, host=bind)
-            _save(run_dir, {"port": port, "host": bind, "advertise": advertised, "labeled_sites": labeled,
+            _save(run_dir, {"pgids": [p.pid for p in started], "simulation": args.simulation, "port": port, "host": bind, "advertise": advertised, "labeled_sites": labeled,
                             "certs": str(certs) if certs else None, "insecure": insecure,
                             "superlink_pid": proc.pid, "config": user_config})
             log.info("SuperLink listening on %s (pid %d, log %s)", flwr_cli.hostport(bind, port), proc.pid,
                      run_dir / "logs" / "superlink.log")
         else:
-            _save(run_dir, {"joined": superlink, "certs": str(certs) if certs else None, "insecure": insecure,
+            _save(run_dir, {"simulation": args.simulation, "joined": superlink, "certs": str(certs) if certs else None, "insecure": insecure,
                             "config": user_config})
         home = flwr_cli.write_flwr_home(run_dir / "flwr-home", superlink, certs / "ca.crt" if certs else None, insecure)
         keys: list[Path] = []
@@ -129,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for proc in reversed(started):
             flwr_cli.stop(proc)
+        reap_flower(run_dir / "flwr-home")  # Flower's own sessions (SuperExec, ServerApp, simulation) too
 
 
 class AddressError(Exception):
@@ -226,6 +262,45 @@ def site_commands(superlink: str, certs: Path | None, sites: list[str], labeled=
     return lines
 
 
+def check_config(text: str) -> dict:
+    """The run-config overrides of ``--config``, parsed as Flower parses them and checked as the ServerApp will
+    check them (known keys, typed values), so a bad one is refused here, in one line, before anything starts."""
+    import re
+    import tomllib
+
+    from flwr.common.config import parse_config_args
+
+    from wire.settings import Settings
+
+    pattern = re.compile(r"(\S+?)=(\'[^\']*\'|\"[^\"]*\"|\S+)")
+    leftover = pattern.sub("", text or "").strip()
+    if leftover:
+        raise ValueError(f"cannot parse {leftover[:60]!r}: expected key=value pairs, e.g. 'lae-rounds=2 strategy=\"fedadam\"'")
+    try:
+        values = parse_config_args([text]) if text else {}
+    except Exception as exc:  # noqa: BLE001 - click's exception: say it in one line
+        raise ValueError(str(getattr(exc, "message", exc)).splitlines()[0]) from None
+    known = tomllib.loads((APP_DIR / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"unknown run-config key(s) {', '.join(unknown)} (the keys are in pyproject.toml, "
+                         "[tool.flwr.app.config])")
+    Settings.from_run_config({**known, **values})  # SettingsError (a ValueError) names the key
+    return values
+
+
+def _record_pgids(run_dir: Path, started: list) -> None:
+    """The process groups this coordinator started, for a later resume to stop if this one is killed."""
+    path = run_dir / COORDINATOR_FILE
+    values = json.loads(path.read_text()) if path.is_file() else {}
+    values["pgids"] = [p.pid for p in started]
+    _save(run_dir, values)
+
+
+def _on_term(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM/SIGHUP: the same clean stop as Ctrl-C (every process started is stopped)
+
+
 def _save(run_dir: Path, values: dict) -> None:
     (run_dir / COORDINATOR_FILE).write_text(json.dumps(values, indent=2))
 
@@ -236,8 +311,9 @@ def _submit(home: Path, config: str, run_dir: Path, args, started: list) -> int:
         fed = f"num-supernodes={args.simulation} client-resources-num-cpus=1 {args.federation_config}".strip()
         cmd += ["--federation-config", fed]
     proc = subprocess.Popen(cmd, env=flwr_cli.flower_env(home), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True, cwd=run_dir)
+                            text=True, start_new_session=True, cwd=run_dir, preexec_fn=set_parent_death_signal)
     started.append(proc)
+    _record_pgids(run_dir, started)
     deadline = time.monotonic() + args.timeout
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout] and None, daemon=True).start()
