@@ -36,7 +36,7 @@ from strategies.schedule import STATE_FILE, load_state
 log = logging.getLogger("histodiff.fed")
 APP_DIR = Path(__file__).resolve().parent.parent
 COORDINATOR_FILE = "coordinator.json"
-SHOWN = ("[fed]", "FEDERATION", "Successfully started run", "ERROR", "resumed", "left out")
+SHOWN = ("[fed]", "FEDERATION", "Successfully started run", "ERROR", "resumed", "left out", "deliver:")
 
 
 def parse(argv):
