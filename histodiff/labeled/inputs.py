@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -14,6 +13,7 @@ from histodiff.checkpoint import MODEL_INFO
 from histodiff.data import TileFolder, TileIndex
 from histodiff.downstream import carve_validation
 from histodiff.errors import InputError
+from histodiff.weights import sha256_of
 
 log = logging.getLogger("histodiff.augment")
 
@@ -85,14 +85,6 @@ def check_model_dir(model_dir: Path, cfg) -> dict:
 TEST_REPORT = "tile_report_test.json"  # the test folder's own report, beside the training folder's tile_report.json
 
 
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def shared_tiles(train: TileIndex, test: TileIndex) -> list[tuple[str, str]]:
     """(training tile, test tile) pairs with identical contents; only files of equal byte size are hashed."""
 
@@ -105,8 +97,8 @@ def shared_tiles(train: TileIndex, test: TileIndex) -> list[tuple[str, str]]:
     a, b = by_size(train), by_size(test)
     pairs = []
     for size in sorted(set(a) & set(b)):
-        seen = {_file_digest(train.root / rel): rel for rel in a[size]}
-        pairs += [(seen[h], rel) for rel in b[size] if (h := _file_digest(test.root / rel)) in seen]
+        seen = {sha256_of(train.root / rel): rel for rel in a[size]}
+        pairs += [(seen[h], rel) for rel in b[size] if (h := sha256_of(test.root / rel)) in seen]
     return pairs
 
 

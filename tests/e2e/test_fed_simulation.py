@@ -15,6 +15,7 @@ import pytest
 
 from strategies.checkpoint import read_metrics
 from strategies.schedule import load_state
+from server.lock import reap_flower
 from tests.e2e.loopback import OVERRIDES, REPO
 
 pytestmark = pytest.mark.e2e
@@ -92,16 +93,7 @@ def _stop_flower(home: Path, settle: float = 30.0) -> None:
     deadline = time.monotonic() + settle
     while time.monotonic() < deadline and any("flwr-simulation" in " ".join(a) for a in _processes_of(home).values()):
         time.sleep(0.5)
-    for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0), (signal.SIGKILL, 5.0)):
-        pids = list(_processes_of(home))
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
-            time.sleep(0.2)
+    reap_flower(home)
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the detached local SuperLink's processes in /proc")
