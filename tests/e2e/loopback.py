@@ -52,9 +52,11 @@ class Processes:
         return path.read_text(errors="replace")[-4000:] if path.exists() else ""
 
     def supernode(self, name: str, data: Path, superlink: str, certs: Path | None, key: Path | None,
-                  work: Path) -> subprocess.Popen:
+                  work: Path, give_up_after: float | None = None) -> subprocess.Popen:
         cmd = [sys.executable, "-m", "client.run", "--data", str(data), "--superlink", superlink, "--site", name,
                "--work", str(work), "--port", str(flwr_cli.free_port()), "--overrides", OVERRIDES]
+        if give_up_after is not None:
+            cmd += ["--give-up-after", str(give_up_after)]
         cmd += ["--insecure"] if certs is None else ["--root-certificates", str(certs / "ca.crt")]
         if key is not None:
             cmd += ["--auth-key", str(key)]

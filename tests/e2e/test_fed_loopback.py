@@ -106,10 +106,15 @@ def test_unregistered_supernode_is_refused(tmp_path, procs):
     flwr_cli.wait_healthy(port, link)
     home = flwr_cli.write_flwr_home(tmp_path / "home", f"127.0.0.1:{port}", certs / "ca.crt")
     flwr_cli.register_keys(home, [certs / "sites" / "site0.pub"])  # site1 is never registered
-    node = procs.supernode("intruder", sites[0], f"127.0.0.1:{port}", certs, certs / "sites" / "site1", tmp_path / "w")
+    # client.run retries a refused activation (a restarted site is refused until its heartbeat window ends), so
+    # an unregistered key is refused again and again until the site gives up, with one line saying why
+    node = procs.supernode("intruder", sites[0], f"127.0.0.1:{port}", certs, certs / "sites" / "site1", tmp_path / "w",
+                           give_up_after=20)
     code = node.wait(timeout=120)
     assert code != 0
-    assert "Exit Code: 305" in (tmp_path / "logs" / "intruder.log").read_text()  # Flower's "not authorised"
+    log = (tmp_path / "logs" / "intruder.log").read_text()
+    assert "Exit Code: 305" in log  # Flower's "not authorised"
+    assert "error: gave up after" in log and "did not accept this node" in log
 
 
 def _start_federation(tmp_path, procs, **extra):
