@@ -48,7 +48,7 @@ def _printed_site_commands(log_file) -> dict[str, list[str]]:
     return {argv[argv.index("--site") + 1]: argv for argv in argvs}
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(1100)  # SecAgg+ rounds: four ClientApp processes per site per round
 def test_tls_auth_federation_three_sites(tmp_path, procs):
     """The README's deployment commands end to end, the coordinator reached at 127.0.0.2 (not localhost):
     ``server.certs --host``, ``server.run --host``, and each site runs the command line ``server.run`` printed.
@@ -62,7 +62,7 @@ def test_tls_auth_federation_three_sites(tmp_path, procs):
     port = flwr_cli.free_port(COORDINATOR)
     run_dir = tmp_path / "run"
     server = procs.start("server", [sys.executable, "-m", "server.run", "--run-dir", "run", "--certs", "certs",
-                                    "--host", COORDINATOR, "--port", str(port), "--timeout", "420", "--config",
+                                    "--host", COORDINATOR, "--port", str(port), "--timeout", "900", "--config",
                                     run_config(overrides=f'"{OVERRIDES} privacy.secagg=true"')], env=env, cwd=tmp_path)
     server_log = tmp_path / "logs" / "server.log"
     wait_for(lambda: len(_printed_site_commands(server_log)) == 3 or server.poll() is not None, 120,
@@ -81,7 +81,7 @@ def test_tls_auth_federation_three_sites(tmp_path, procs):
         argv[argv.index("--data") + 1] = str(data)  # the site's own tile folder
         procs.start(f"site{i}", [sys.executable, *argv[1:], "--work", str(tmp_path / f"w{i}"),
                                  "--port", str(flwr_cli.free_port()), "--overrides", OVERRIDES], env=env, cwd=tmp_path)
-    assert server.wait(timeout=480) == 0, server_log.read_text()[-3000:]
+    assert server.wait(timeout=960) == 0, server_log.read_text()[-3000:]
     state = load_state(run_dir)
     assert state.status == "done" and state.scale_factor > 0
     metrics = read_metrics(run_dir)
