@@ -114,7 +114,7 @@ def test_unregistered_supernode_is_refused(tmp_path, procs):
     assert code != 0
     log = (tmp_path / "logs" / "intruder.log").read_text()
     assert "Exit Code: 305" in log  # Flower's "not authorised"
-    assert "error: gave up after" in log and "did not accept this node" in log
+    assert "error: gave up after" in log and "refused to activate this node" in log
 
 
 def _start_federation(tmp_path, procs, **extra):
