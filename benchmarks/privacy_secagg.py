@@ -1,4 +1,4 @@
-"""Cost of SecAgg+ (strategies/secagg.py): per federated round, and the protocol's compute at the paper profile.
+"""Cost of SecAgg+ (wire/secagg.py): per federated round, and the protocol's compute at the paper profile.
 
     HF_HUB_OFFLINE=1 python -m benchmarks.privacy_secagg [--sites 3] [--steps 5] [--skip-federation] [--skip-paper]
 

@@ -167,7 +167,7 @@ class PrivacyConfig:
     noise_multiplier: Optional[float] = None  # null: derived from target_epsilon over planned_steps
     planned_steps: int = 0  # DP steps this site will take in the whole run (needed when noise_multiplier is null)
     latent_clip: float = 30.0  # DP latent statistics: latent values clipped to [-B, B]
-    secagg: bool = False  # SecAgg+ (strategies/secagg.py): the server sees only the weighted sum of updates
+    secagg: bool = False  # SecAgg+ (wire/secagg.py): the server sees only the weighted sum of updates
     secagg_clipping_range: float = 8.0  # each weighted update value (w - g) is clipped to [-c, c], then quantised
     secagg_quantization_range: int = 4194304  # 2**22 levels over [-c, c]; sites x levels must stay below 2**32
     secagg_threshold: float = 0.6  # Shamir threshold t = max(2, ceil(fraction x sites)): survivors needed to unmask

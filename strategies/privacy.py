@@ -5,7 +5,7 @@
 - ``CentralDP``: Flower's central DP with client-side fixed clipping, written for our streaming federation
   with Flower's own primitives (``compute_stdv``, ``add_gaussian_noise_inplace``) and Flower's ``RdpAccountant``
   (``flwr[dp]``), persisted in the run directory.
-- SecAgg+ runs in the federation's own message loop: ``strategies/secagg.py``.
+- SecAgg+ runs in the federation's own message loop: ``wire/secagg.py`` (stages: ``strategies/secure_rounds.py``).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""SecAgg+ (strategies/secagg.py): the protocol's arithmetic and refusals, then through the federation's own message
+"""SecAgg+ (wire/secagg.py): the protocol's arithmetic and refusals, then through the federation's own message
 loop with real ClientApp handlers: the unmasked aggregate equals the plain weighted mean within quantisation error,
 with and without a site dropping out after it shared its secrets, and the server never receives an unmasked array."""
 
