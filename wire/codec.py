@@ -185,9 +185,3 @@ class ErrorFeedback:
         tmp = self.path.with_suffix(".tmp")
         save_file({k: v.contiguous() for k, v in self.residual.items()}, str(tmp))
         tmp.replace(self.path)
-
-    def state_dict(self, prefix: str = "residual/") -> dict[str, torch.Tensor]:
-        return {prefix + k: v for k, v in self.residual.items()}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor], prefix: str = "residual/") -> None:
-        self.residual = {k[len(prefix):]: v.clone() for k, v in state.items() if k.startswith(prefix)}

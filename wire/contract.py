@@ -31,14 +31,6 @@ def prefixes(phase: str) -> tuple[str, ...]:
     return tuple(f"{part}." for part in PHASE_PARTS[phase])
 
 
-def phase_of(name: str) -> str | None:
-    """The training phase whose arrays include ``name`` (None for none)."""
-    for phase in PHASE_PARTS:
-        if name.startswith(prefixes(phase)):
-            return phase
-    return None
-
-
 def pick(weights: dict[str, torch.Tensor], phase: str) -> dict[str, torch.Tensor]:
     """The arrays of ``phase`` in a flat state dict."""
     return {k: v for k, v in weights.items() if k.startswith(prefixes(phase))}
