@@ -266,7 +266,11 @@ def check_config(text: str) -> dict:
     """The run-config overrides of ``--config``, parsed as Flower parses them and checked as the ServerApp will
     check them (known keys, typed values), so a bad one is refused here, in one line, before anything starts."""
     import re
-    import tomllib
+
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
 
     from flwr.common.config import parse_config_args
 
