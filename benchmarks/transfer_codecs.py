@@ -27,7 +27,7 @@ class Probe:
     """Records each site's exact update (before encoding) and the mean update the server applies, per round."""
 
     def __init__(self):
-        self.exact: list[tuple[dict, float]] = []
+        self.exact: list[dict] = []  # each site's exact update this round
         self.errors: list[float] = []
 
     def install(self, monkey):
@@ -37,7 +37,7 @@ class Probe:
         probe, encode, mean = self, codec.ErrorFeedback.encode, StreamingMean.mean
 
         def spy_encode(ef, update):
-            probe.exact.append(({k: v.clone() for k, v in update.items() if v.is_floating_point()}, 1.0))
+            probe.exact.append({k: v.clone() for k, v in update.items() if v.is_floating_point()})
             return encode(ef, update)
 
         def spy_mean(acc):
@@ -45,8 +45,8 @@ class Probe:
             if probe.exact:
                 n = len(probe.exact)  # equal tile counts at every phantom site: the plain mean is the weighted one
                 num = den = 0.0
-                for k in probe.exact[0][0]:
-                    exact = sum(u[k] for u, _ in probe.exact) / n
+                for k in probe.exact[0]:
+                    exact = sum(u[k] for u in probe.exact) / n
                     num += float((applied[k] - exact).pow(2).sum())
                     den += float(exact.pow(2).sum())
                 probe.errors.append((num / max(den, 1e-30)) ** 0.5)
