@@ -13,8 +13,8 @@ import time
 import torch
 
 from histodiff.config import compose
-from histodiff.diffusion import build_ddim
-from histodiff.guidance import classifier_guidance, ddim_sample_seeded
+from histodiff.diffusion.noise_schedule import build_ddim
+from histodiff.guidance.classifier_guidance import classifier_guidance, ddim_sample_seeded
 from histodiff.models import build_latent_classifier, build_unet
 
 

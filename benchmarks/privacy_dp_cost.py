@@ -34,7 +34,7 @@ def _pair(plain_step, dp_step, steps: int) -> dict:
 
 
 def bench_dm(cfg, steps: int) -> dict:
-    from histodiff.diffusion import build_noise_scheduler
+    from histodiff.diffusion.noise_schedule import build_noise_scheduler
     from histodiff.models.unet import build_unet
     from histodiff.privacy.dp_train import _dp_step, _finish, _make_private, _UNetForward
     from histodiff.training.dm import diffusion_loss

@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from histodiff.config import compose
-from histodiff.diffusion import build_noise_scheduler
+from histodiff.diffusion.noise_schedule import build_noise_scheduler
 from histodiff.losses import build_lae_loss, eps_loss
 from histodiff.models import build_autoencoder, build_unet
 from histodiff.training.common import make_trainer, step_loader

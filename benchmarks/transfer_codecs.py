@@ -91,9 +91,9 @@ def federation(root: Path, dtype: str, args, secagg: bool = False) -> tuple[list
 def sample_fid(run: Path, cfg, real_dir: Path, n: int) -> float:
     from histodiff.checkpoint import load_global_model
     from histodiff.data.tiles import tile_dataset_from_config
-    from histodiff.diffusion import build_ddim
-    from histodiff.fid import fid, inception_features
-    from histodiff.sampling import ddim_sample, decode_latents
+    from histodiff.diffusion.noise_schedule import build_ddim
+    from histodiff.evaluation.fid import fid, inception_features
+    from histodiff.diffusion.ddim_sampling import ddim_sample, decode_latents
     from histodiff.weights import load_inception
 
     ae, unet, info = load_global_model(run / "global_model")

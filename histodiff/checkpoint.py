@@ -77,7 +77,7 @@ def export_global_model(out: Path, cfg, autoencoder, unet, scale_factor: float) 
     The autoencoder's ``scaling_factor`` is set to the global scale factor, so diffusers users get a
     consistent pipeline without this project.
     """
-    from histodiff.diffusion import build_noise_scheduler
+    from histodiff.diffusion.noise_schedule import build_noise_scheduler
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

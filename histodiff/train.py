@@ -53,7 +53,7 @@ def load_autoencoder(run_dir: Path):
 
 
 def run_lae(cfg, run_dir: Path) -> None:
-    from histodiff.sampling import save_grid
+    from histodiff.diffusion.ddim_sampling import save_grid
     from histodiff.training import train_lae_steps
     from histodiff.training.lae import LAEModule
     from histodiff.training.local import load_lae_state
@@ -109,8 +109,8 @@ def run_dm(cfg, run_dir: Path) -> None:
 
 def run_sample(cfg, run_dir: Path) -> None:
     from histodiff.checkpoint import load_global_model
-    from histodiff.diffusion import build_ddim
-    from histodiff.sampling import ddim_sample, decode_latents, save_grid, save_tiles
+    from histodiff.diffusion.noise_schedule import build_ddim
+    from histodiff.diffusion.ddim_sampling import ddim_sample, decode_latents, save_grid, save_tiles
 
     autoencoder, unet, info = load_global_model(run_dir / "global", cfg)
     gen = torch.Generator().manual_seed(cfg.seed)

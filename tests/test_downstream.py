@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from histodiff.downstream import carve_validation, colour_jitter, evaluate
+from histodiff.evaluation.downstream import carve_validation, colour_jitter, evaluate
 from histodiff.errors import InputError
 
 
@@ -63,7 +63,7 @@ def test_colour_jitter_is_modest_and_in_range():
 def test_training_picks_the_best_validation_epoch(phantom_labeled):
     from histodiff.config import compose
     from histodiff.data import TileFolder
-    from histodiff.downstream import predict, train_classifier
+    from histodiff.evaluation.downstream import predict, train_classifier
 
     cfg = compose(["profile=tiny", "tiles.image_size=32", "downstream.img_size=32", "downstream.epochs=2",
                    "train.progress=false"])

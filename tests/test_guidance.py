@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from histodiff.config import compose
-from histodiff.diffusion import build_ddim
-from histodiff.guidance import classifier_guidance, ddim_sample_seeded, sample_classes
+from histodiff.diffusion.noise_schedule import build_ddim
+from histodiff.guidance.classifier_guidance import classifier_guidance, ddim_sample_seeded, sample_classes
 from histodiff.models import build_unet
-from histodiff.sampling import ddim_sample
+from histodiff.diffusion.ddim_sampling import ddim_sample
 
 TINY = ["profile=tiny", "tiles.image_size=32", "dm.unet.block_out_channels=[8,16,16]", "dm.unet.norm_num_groups=4"]
 

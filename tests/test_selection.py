@@ -3,7 +3,7 @@ the memorisation guard."""
 
 import torch
 
-from histodiff.selection import (class_centroids, nearest_distance, pixel_rms_distance, quotas, score_candidates,
+from histodiff.selection.centroid_filter import (class_centroids, nearest_distance, pixel_rms_distance, quotas, score_candidates,
                                  select_random, select_selective)
 
 

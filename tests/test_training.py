@@ -113,9 +113,9 @@ def test_lightning_module_one_batch(phantom_tiles):
 def test_ddim_sampling_is_seeded_and_writes_pngs(tmp_path):
     from PIL import Image
 
-    from histodiff.diffusion import build_ddim
+    from histodiff.diffusion.noise_schedule import build_ddim
     from histodiff.models import build_autoencoder, build_unet
-    from histodiff.sampling import ddim_sample, decode_latents, save_grid
+    from histodiff.diffusion.ddim_sampling import ddim_sample, decode_latents, save_grid
 
     cfg = compose(TINY)
     unet, ae = build_unet(cfg).eval(), build_autoencoder(cfg.lae).eval()

@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import Dataset
 
 from histodiff.checkpoint import load_state_dict_file, save_state_dict_file
-from histodiff.downstream import TrainedClassifier, train_classifier
+from histodiff.evaluation.downstream import TrainedClassifier, train_classifier
 from histodiff.labeled.stages import plain
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from histodiff.downstream import fit_input
+from histodiff.evaluation.downstream import fit_input
 
 log = logging.getLogger("histodiff.augment")
 
@@ -69,7 +69,7 @@ class DecoderFinetune(L.LightningModule):
 def phi_on_reconstructions(autoencoder, phi, phi_img_size: int, dataset: Dataset, batch_size: int,
                            device: str | torch.device = "cpu") -> dict[str, float]:
     """How well phi recognises D(E(x)) of held-out tiles, and the L1 of the reconstructions."""
-    from histodiff.downstream import loader
+    from histodiff.evaluation.downstream import loader
 
     correct, l1, n = 0, 0.0, 0
     autoencoder, phi = autoencoder.to(device).eval(), phi.to(device).eval()

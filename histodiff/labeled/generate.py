@@ -10,8 +10,8 @@ from pathlib import Path
 from PIL import Image
 
 from histodiff.data import to_uint8_image
-from histodiff.guidance import sample_classes
-from histodiff.sampling import decode_latents
+from histodiff.guidance.classifier_guidance import sample_classes
+from histodiff.diffusion.ddim_sampling import decode_latents
 
 log = logging.getLogger("histodiff.augment")
 

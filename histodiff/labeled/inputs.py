@@ -11,7 +11,7 @@ from pathlib import Path
 
 from histodiff.checkpoint import MODEL_INFO
 from histodiff.data import TileFolder, TileIndex
-from histodiff.downstream import carve_validation
+from histodiff.evaluation.downstream import carve_validation
 from histodiff.errors import InputError
 from histodiff.weights import sha256_of
 

@@ -18,7 +18,7 @@ log = logging.getLogger("histodiff.augment")
 def encode_latents(autoencoder, dataset: Dataset, scale_factor: float, batch_size: int,
                    dihedral: bool = False, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Scaled latents (the DM's space) and labels; ``dihedral`` adds the 8 flips/rotations of each tile."""
-    from histodiff.downstream import loader
+    from histodiff.evaluation.downstream import loader
 
     zs, ys = [], []
     autoencoder = autoencoder.to(device)

@@ -163,7 +163,7 @@ class Pipeline:
 
     def train_downstream(self, setting: str, seed: int, synthetic: list[int], cand: TileFolder | None,
                          save_to: Path | None = None) -> dict:
-        from histodiff.downstream import evaluate, predict
+        from histodiff.evaluation.downstream import evaluate, predict
         from histodiff.labeled.classifiers import save_classifier, train_site_classifier
 
         cfg = self.cfg
@@ -208,8 +208,8 @@ class Pipeline:
 
     def run(self) -> dict[str, Any]:
         from histodiff.checkpoint import load_global_model
-        from histodiff.diffusion import build_ddim
-        from histodiff.fid import fid_report
+        from histodiff.diffusion.noise_schedule import build_ddim
+        from histodiff.evaluation.fid import fid_report
         from histodiff.labeled.classifiers import load_classifier
         from histodiff.labeled.report import confusion_png, row_label, table_rows, write_tables
         from histodiff.labeled.select import make_selections, write_manifest

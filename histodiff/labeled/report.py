@@ -79,7 +79,7 @@ def confusion_png(confusion: list[list[int]], classes: list[str], title: str, pa
 
 def class_grid(real: torch.Tensor, synthetic: torch.Tensor, n: int, path: Path) -> Path:
     """Top row real tiles, bottom row synthetic ones (blank where fewer than ``n`` exist)."""
-    from histodiff.sampling import save_grid
+    from histodiff.diffusion.ddim_sampling import save_grid
 
     size = real.shape[-1] if len(real) else synthetic.shape[-1]
     blank = torch.ones(1, 3, size, size)

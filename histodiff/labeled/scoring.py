@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from histodiff.downstream import predict
-from histodiff.fid import inception_features
-from histodiff.selection import class_centroids, nearest_distance, pixel_rms_distance, score_candidates
+from histodiff.evaluation.downstream import predict
+from histodiff.evaluation.fid import inception_features
+from histodiff.selection.centroid_filter import class_centroids, nearest_distance, pixel_rms_distance, score_candidates
 
 log = logging.getLogger("histodiff.augment")
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from histodiff.selection import CandidateScores, Selection, quotas, select_random, select_selective
+from histodiff.selection.centroid_filter import CandidateScores, Selection, quotas, select_random, select_selective
 
 MANIFEST_COLUMNS = ["path", "class", "seed", "guidance_scale", "ddim_steps", "eta", "confidence", "dist_to_own_centroid",
                     "nearest_other_centroid", "dist_to_nearest_other", "nearest_centroid", "nn_real_feature_dist",

@@ -8,7 +8,7 @@ import lightning as L
 import torch
 from diffusers.training_utils import EMAModel
 
-from histodiff.diffusion import build_noise_scheduler
+from histodiff.diffusion.noise_schedule import build_noise_scheduler
 from histodiff.losses import eps_loss
 from histodiff.models.unet import build_unet
 

@@ -10,7 +10,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from histodiff.sampling import Guidance, ddim_loop
+from histodiff.diffusion.ddim_sampling import Guidance, ddim_loop
 
 
 def classifier_guidance(classifier: torch.nn.Module, alphas_cumprod: torch.Tensor, labels: torch.Tensor,

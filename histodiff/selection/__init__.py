@@ -1,0 +1,1 @@
+"""Paper stage 5: selective augmentation (candidate features, centroid filter, quotas, augmentation sets)."""
