@@ -15,7 +15,8 @@ import torch
 from histodiff.config import compose
 from histodiff.diffusion.noise_schedule import build_ddim
 from histodiff.guidance.classifier_guidance import classifier_guidance, ddim_sample_seeded
-from histodiff.models import build_latent_classifier, build_unet
+from histodiff.guidance.latent_classifier_net import build_latent_classifier
+from histodiff.diffusion.unet import build_unet
 
 
 def measure(profile: str, tiles: int, steps: int, repeats: int, overrides: list[str]) -> dict[str, float]:

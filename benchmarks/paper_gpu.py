@@ -17,7 +17,7 @@ from torch.utils.data import TensorDataset
 from benchmarks.train_step import _sync, lightning_dm, lightning_lae
 from histodiff.config import compose
 from histodiff.diffusion.noise_schedule import build_ddim
-from histodiff.models import build_unet
+from histodiff.diffusion.unet import build_unet
 from histodiff.diffusion.ddim_sampling import ddim_sample
 from histodiff.training.common import resolve_precision
 

@@ -35,7 +35,7 @@ def _pair(plain_step, dp_step, steps: int) -> dict:
 
 def bench_dm(cfg, steps: int) -> dict:
     from histodiff.diffusion.noise_schedule import build_noise_scheduler
-    from histodiff.models.unet import build_unet
+    from histodiff.diffusion.unet import build_unet
     from histodiff.privacy.dp_train import _dp_step, _finish, _make_private, _UNetForward
     from histodiff.training.dm import diffusion_loss
 
@@ -74,7 +74,7 @@ def bench_lae(cfg, steps: int) -> dict:
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
     from histodiff.losses import build_lae_loss
-    from histodiff.models import build_autoencoder
+    from histodiff.autoencoder.kl_autoencoder import build_autoencoder
     from histodiff.privacy.dp_train import _AutoencoderForward, _dp_step, _finish, _make_private
 
     B, S = cfg.tiles.batch_size, cfg.tiles.image_size

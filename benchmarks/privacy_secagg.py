@@ -49,7 +49,7 @@ def bench_paper(sites: int) -> dict:
     from flwr.app import RecordDict
 
     from histodiff.config import compose
-    from histodiff.models.unet import build_unet
+    from histodiff.diffusion.unet import build_unet
     from wire.secagg import SecAggParams, SecureSum, SiteSecAgg
 
     cfg = compose(["profile=paper"])

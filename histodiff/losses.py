@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from histodiff.models.discriminator import build_discriminator
+from histodiff.autoencoder.discriminator import build_discriminator
 from histodiff.weights import build_lpips
 
 

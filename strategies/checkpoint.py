@@ -23,8 +23,8 @@ def save_round(run_dir: Path, name: str, cfg, weights: dict[str, torch.Tensor],
     from safetensors.torch import save_file
 
     from histodiff.checkpoint import save_pretrained_atomic, save_state_dict_file
-    from histodiff.models.autoencoder import build_autoencoder
-    from histodiff.models.unet import build_unet
+    from histodiff.autoencoder.kl_autoencoder import build_autoencoder
+    from histodiff.diffusion.unet import build_unet
 
     rel = f"checkpoints/{name}"
     out = Path(run_dir) / rel

@@ -25,7 +25,8 @@ MANIFEST = {"class", "seed", "guidance_scale", "ddim_steps", "confidence", "dist
 
 def export_tiny_model(out: Path, overrides: list[str]) -> Path:
     from histodiff.checkpoint import export_global_model
-    from histodiff.models import build_autoencoder, build_unet
+    from histodiff.autoencoder.kl_autoencoder import build_autoencoder
+    from histodiff.diffusion.unet import build_unet
 
     cfg = compose(overrides)
     return export_global_model(out, cfg, build_autoencoder(cfg.lae).eval(), build_unet(cfg).eval(), 1.0)
@@ -62,7 +63,7 @@ def test_every_output_exists_and_is_well_formed(finished):
         assert (out / folder / "model.safetensors").is_file() and (out / folder / "config.json").is_file()
     from diffusers import AutoencoderKL
 
-    from histodiff.models import TimeLatentClassifier
+    from histodiff.guidance.latent_classifier_net import TimeLatentClassifier
 
     AutoencoderKL.from_pretrained(str(out / "decoder"))
     TimeLatentClassifier.from_pretrained(str(out / "latent_classifier"))

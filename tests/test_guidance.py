@@ -6,7 +6,7 @@ import torch
 from histodiff.config import compose
 from histodiff.diffusion.noise_schedule import build_ddim
 from histodiff.guidance.classifier_guidance import classifier_guidance, ddim_sample_seeded, sample_classes
-from histodiff.models import build_unet
+from histodiff.diffusion.unet import build_unet
 from histodiff.diffusion.ddim_sampling import ddim_sample
 
 TINY = ["profile=tiny", "tiles.image_size=32", "dm.unet.block_out_channels=[8,16,16]", "dm.unet.norm_num_groups=4"]

@@ -326,7 +326,8 @@ SMALL = ["profile=tiny", "tiles.image_size=32", "weights.perceptual=random", "we
 def tiny_model(tmp_path_factory) -> Path:
     from histodiff.checkpoint import export_global_model
     from histodiff.config import compose
-    from histodiff.models import build_autoencoder, build_unet
+    from histodiff.autoencoder.kl_autoencoder import build_autoencoder
+    from histodiff.diffusion.unet import build_unet
 
     cfg = compose(SMALL)
     return export_global_model(tmp_path_factory.mktemp("model") / "global_model", cfg,

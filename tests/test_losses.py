@@ -8,7 +8,7 @@ from torch import nn
 
 from histodiff.config import Config, LAEConfig, WeightsConfig
 from histodiff.losses import LAELoss, build_lae_loss, eps_loss
-from histodiff.models.discriminator import PatchDiscriminator, build_discriminator
+from histodiff.autoencoder.discriminator import PatchDiscriminator, build_discriminator
 
 DISC_START = 5
 

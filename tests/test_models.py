@@ -4,8 +4,11 @@ import pytest
 import torch
 
 from histodiff.config import compose
-from histodiff.models import build_autoencoder, build_image_classifier, build_latent_classifier, build_unet
-from histodiff.models.autoencoder import downsample_factor
+from histodiff.autoencoder.kl_autoencoder import build_autoencoder
+from histodiff.evaluation.image_classifier import build_image_classifier
+from histodiff.guidance.latent_classifier_net import build_latent_classifier
+from histodiff.diffusion.unet import build_unet
+from histodiff.autoencoder.kl_autoencoder import downsample_factor
 
 
 def _millions(module):
@@ -63,7 +66,7 @@ def test_tiny_models_forward():
 
 
 def test_models_round_trip_save_pretrained(tmp_path):
-    from histodiff.models.latent_classifier import TimeLatentClassifier
+    from histodiff.guidance.latent_classifier_net import TimeLatentClassifier
 
     cfg = compose(["profile=tiny"])
     lc = build_latent_classifier(cfg, num_classes=3)

@@ -13,7 +13,7 @@ def _tiles(size: int, n: int = 2):
 
 
 def _one_step_each(tmp_path, extra):
-    from histodiff.models import build_autoencoder
+    from histodiff.autoencoder.kl_autoencoder import build_autoencoder
 
     cfg = compose(["profile=paper", "weights.perceptual=random", "tiles.batch_size=1", "tiles.num_workers=0",
                    "lae.disc_start=0", "train.progress=false", *extra])

@@ -161,7 +161,7 @@ def test_privacy_report_from_run_dir(tmp_path):
 def test_dp_latent_statistics_are_accounted_and_close_to_exact_with_little_noise(tmp_path, phantom_labeled):
     from histodiff.config import compose
     from histodiff.data import TileFolder
-    from histodiff.models import build_autoencoder
+    from histodiff.autoencoder.kl_autoencoder import build_autoencoder
     from histodiff.privacy.stats import dp_latent_stats
     from histodiff.training.latent_stats import compute_latent_stats
 

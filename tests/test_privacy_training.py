@@ -24,7 +24,7 @@ RESTART = """
 import json, sys
 from histodiff.config import compose
 from histodiff.data import TileFolder
-from histodiff.models import build_autoencoder
+from histodiff.autoencoder.kl_autoencoder import build_autoencoder
 from histodiff.privacy.dp_train import dp_train_dm_steps
 overrides, data, work, state = json.loads(sys.argv[1])
 cfg = compose(overrides)
@@ -35,7 +35,7 @@ print(json.dumps({"epsilon": r.metrics["dp-epsilon"], "step": r.step}))
 
 
 def test_epsilon_accumulates_across_phases_rounds_and_restart_then_site_refuses(phantom_tiles, phantom_unlabeled, tmp_path):
-    from histodiff.models import build_autoencoder
+    from histodiff.autoencoder.kl_autoencoder import build_autoencoder
     from histodiff.privacy.dp_train import dp_train_dm_steps, dp_train_lae_steps
     from histodiff.training.common import load_state_file
 
@@ -73,7 +73,7 @@ def test_epsilon_accumulates_across_phases_rounds_and_restart_then_site_refuses(
 
 
 def test_dp_training_still_reduces_the_loss(phantom_tiles, tmp_path):
-    from histodiff.models import build_autoencoder
+    from histodiff.autoencoder.kl_autoencoder import build_autoencoder
     from histodiff.privacy.dp_train import dp_train_dm_steps
 
     cfg = compose([*TINY, "tiles.batch_size=8", "privacy.noise_multiplier=0.3", "privacy.target_epsilon=1e6", "dm.lr=1e-3", "dm.warmup_steps=5"])

@@ -26,7 +26,7 @@ def test_lae_reconstruction_loss_falls(phantom_tiles, tmp_path):
 
 
 def test_dm_loss_falls(phantom_tiles, tmp_path):
-    from histodiff.models import build_autoencoder
+    from histodiff.autoencoder.kl_autoencoder import build_autoencoder
 
     cfg = compose([*TINY, "dm.warmup_steps=5", "dm.lr=1e-3"])
     ae = build_autoencoder(cfg.lae).eval()
@@ -60,7 +60,7 @@ def test_lae_state_round_trips_and_global_weights_override(phantom_tiles, tmp_pa
 
 
 def test_dm_state_keeps_ema_and_warmup(phantom_tiles, tmp_path):
-    from histodiff.models import build_autoencoder
+    from histodiff.autoencoder.kl_autoencoder import build_autoencoder
     from histodiff.training.common import load_state_file
     from histodiff.training.local import ema_unet_from_state
 
@@ -88,7 +88,7 @@ def test_latent_moments_match_numpy_and_combine():
 
 
 def test_latent_stats_of_a_dataset(phantom_tiles):
-    from histodiff.models import build_autoencoder
+    from histodiff.autoencoder.kl_autoencoder import build_autoencoder
 
     cfg = compose(TINY)
     stats = compute_latent_stats(build_autoencoder(cfg.lae), phantom_tiles, batch_size=8)
@@ -114,7 +114,8 @@ def test_ddim_sampling_is_seeded_and_writes_pngs(tmp_path):
     from PIL import Image
 
     from histodiff.diffusion.noise_schedule import build_ddim
-    from histodiff.models import build_autoencoder, build_unet
+    from histodiff.autoencoder.kl_autoencoder import build_autoencoder
+    from histodiff.diffusion.unet import build_unet
     from histodiff.diffusion.ddim_sampling import ddim_sample, decode_latents, save_grid
 
     cfg = compose(TINY)

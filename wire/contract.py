@@ -37,9 +37,9 @@ def pick(weights: dict[str, torch.Tensor], phase: str) -> dict[str, torch.Tensor
 
 
 def _modules(cfg, phase: str) -> dict[str, torch.nn.Module]:
-    from histodiff.models.autoencoder import build_autoencoder
-    from histodiff.models.discriminator import build_discriminator
-    from histodiff.models.unet import build_unet
+    from histodiff.autoencoder.kl_autoencoder import build_autoencoder
+    from histodiff.autoencoder.discriminator import build_discriminator
+    from histodiff.diffusion.unet import build_unet
 
     if phase == "lae":
         modules = {"autoencoder": build_autoencoder(cfg.lae)}
@@ -69,7 +69,7 @@ def init_phase(cfg, phase: str, seed: int) -> dict[str, torch.Tensor]:
 
 def autoencoder_from(cfg, weights: dict[str, torch.Tensor]):
     """The global autoencoder (eval mode) from flat arrays."""
-    from histodiff.models.autoencoder import build_autoencoder
+    from histodiff.autoencoder.kl_autoencoder import build_autoencoder
 
     ae = build_autoencoder(cfg.lae)
     ae.load_state_dict(part(weights, "autoencoder"), strict=True)
@@ -77,7 +77,7 @@ def autoencoder_from(cfg, weights: dict[str, torch.Tensor]):
 
 
 def unet_from(cfg, weights: dict[str, torch.Tensor]):
-    from histodiff.models.unet import build_unet
+    from histodiff.diffusion.unet import build_unet
 
     unet = build_unet(cfg)
     unet.load_state_dict(part(weights, "unet"), strict=True)

@@ -142,7 +142,7 @@ class TrainedClassifier:
 def train_classifier(clf_cfg, train_cfg, train_set: Dataset, val_set: Dataset, num_classes: int, seed: int,
                      batch_size: int, name: str = "classifier", num_workers: int = 0) -> TrainedClassifier:
     """Train a timm model from ``clf_cfg``; return the weights of its best epoch on ``val_set``."""
-    from histodiff.models import build_image_classifier
+    from histodiff.evaluation.image_classifier import build_image_classifier
     from histodiff.training.common import quiet_libraries, resolve_precision, seed_everything
 
     quiet_libraries()

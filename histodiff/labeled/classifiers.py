@@ -28,7 +28,7 @@ def save_classifier(out: Path, trained: TrainedClassifier, clf_cfg, classes: lis
 def load_classifier(out: Path) -> tuple[torch.nn.Module, dict]:
     from omegaconf import OmegaConf
 
-    from histodiff.models import build_image_classifier
+    from histodiff.evaluation.image_classifier import build_image_classifier
 
     meta = json.loads((out / CONFIG).read_text())
     clf_cfg = OmegaConf.create({**meta["classifier"], "pretrained_path": None})

@@ -113,7 +113,7 @@ class Pipeline:
     def latent_classifier(self, autoencoder, scale: float, alphas: torch.Tensor):
         from histodiff.checkpoint import save_pretrained_atomic
         from histodiff.labeled.latent_classifier import accuracy_by_timestep, encode_latents, train_latent_classifier
-        from histodiff.models import TimeLatentClassifier, build_latent_classifier
+        from histodiff.guidance.latent_classifier_net import TimeLatentClassifier, build_latent_classifier
 
         cfg, where = self.cfg, self.out / "latent_classifier"
         # E is frozen in fine-tuning, so these latents equal the DM's training latents

@@ -10,7 +10,7 @@ from diffusers.training_utils import EMAModel
 
 from histodiff.diffusion.noise_schedule import build_noise_scheduler
 from histodiff.losses import eps_loss
-from histodiff.models.unet import build_unet
+from histodiff.diffusion.unet import build_unet
 
 
 def build_dm_optimizer(unet, dm_cfg, saved: dict | None = None):

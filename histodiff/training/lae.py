@@ -8,7 +8,7 @@ import lightning as L
 import torch
 
 from histodiff.losses import build_lae_loss
-from histodiff.models.autoencoder import build_autoencoder
+from histodiff.autoencoder.kl_autoencoder import build_autoencoder
 
 
 class LAEModule(L.LightningModule):

@@ -104,7 +104,7 @@ def load_dm_state(module: DMModule, state_dir: Path, weights: bool = True) -> bo
 
 def ema_unet_from_state(cfg, state_dir: Path):
     """The UNet with the EMA weights of the site state in ``state_dir`` (for sampling and export)."""
-    from histodiff.models.unet import build_unet
+    from histodiff.diffusion.unet import build_unet
 
     state = load_state_file(Path(state_dir))
     if state is None:

@@ -30,7 +30,7 @@ def unet_kwargs(unet_cfg, sample_size: int, channels: int) -> dict:
 
 def build_unet(cfg) -> UNet2DModel:
     """The DM UNet for the latents of ``cfg.lae`` at ``cfg.tiles.image_size``."""
-    from histodiff.models.autoencoder import downsample_factor
+    from histodiff.autoencoder.kl_autoencoder import downsample_factor
 
     latent_size = cfg.tiles.image_size // downsample_factor(cfg.lae)
     return UNet2DModel(**unet_kwargs(cfg.dm.unet, latent_size, cfg.lae.latent_channels))

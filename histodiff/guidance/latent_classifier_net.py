@@ -99,7 +99,7 @@ class TimeLatentClassifier(ModelMixin, ConfigMixin):
 
 
 def build_latent_classifier(cfg, num_classes: int | None = None) -> TimeLatentClassifier:
-    from histodiff.models.autoencoder import downsample_factor
+    from histodiff.autoencoder.kl_autoencoder import downsample_factor
 
     lc = cfg.latent_classifier
     return TimeLatentClassifier(
