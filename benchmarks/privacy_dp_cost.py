@@ -37,7 +37,7 @@ def bench_dm(cfg, steps: int) -> dict:
     from histodiff.diffusion.noise_schedule import build_noise_scheduler
     from histodiff.diffusion.unet import build_unet
     from histodiff.privacy.dp_train import _dp_step, _finish, _make_private, _UNetForward
-    from histodiff.training.dm import diffusion_loss
+    from histodiff.diffusion.dm_module import diffusion_loss
 
     B, s = cfg.tiles.batch_size, cfg.tiles.image_size // 2 ** (len(cfg.lae.block_out_channels) - 1)
     c = cfg.lae.latent_channels
@@ -73,7 +73,7 @@ def bench_dm(cfg, steps: int) -> dict:
 def bench_lae(cfg, steps: int) -> dict:
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-    from histodiff.losses import build_lae_loss
+    from histodiff.autoencoder.lae_loss import build_lae_loss
     from histodiff.autoencoder.kl_autoencoder import build_autoencoder
     from histodiff.privacy.dp_train import _AutoencoderForward, _dp_step, _finish, _make_private
 

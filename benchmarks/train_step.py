@@ -15,12 +15,13 @@ from torch.utils.data import TensorDataset
 
 from histodiff.config import compose
 from histodiff.diffusion.noise_schedule import build_noise_scheduler
-from histodiff.losses import build_lae_loss, eps_loss
+from histodiff.autoencoder.lae_loss import build_lae_loss
+from histodiff.diffusion.dm_module import eps_loss
 from histodiff.autoencoder.kl_autoencoder import build_autoencoder
 from histodiff.diffusion.unet import build_unet
 from histodiff.training.common import make_trainer, step_loader
-from histodiff.training.dm import DMModule, build_dm_optimizer
-from histodiff.training.lae import LAEModule
+from histodiff.diffusion.dm_module import DMModule, build_dm_optimizer
+from histodiff.autoencoder.lae_module import LAEModule
 
 
 def _sync() -> None:

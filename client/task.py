@@ -137,7 +137,7 @@ def dm_round(cfg, dataset, site: Site, steps: int, global_weights, autoencoder, 
 
 
 def latent_stats(cfg, dataset, autoencoder):
-    from histodiff.training.latent_stats import compute_latent_stats
+    from histodiff.diffusion.latent_stats import compute_latent_stats
 
     return compute_latent_stats(autoencoder, dataset, batch_size=cfg.tiles.batch_size, seed=cfg.seed)
 

@@ -55,7 +55,7 @@ def load_autoencoder(run_dir: Path):
 def run_lae(cfg, run_dir: Path) -> None:
     from histodiff.diffusion.ddim_sampling import save_grid
     from histodiff.training import train_lae_steps
-    from histodiff.training.lae import LAEModule
+    from histodiff.autoencoder.lae_module import LAEModule
     from histodiff.training.local import load_lae_state
 
     dataset = load_dataset(cfg)
@@ -75,7 +75,7 @@ def run_lae(cfg, run_dir: Path) -> None:
 
 
 def latent_stats(cfg, run_dir: Path, autoencoder, dataset):
-    from histodiff.training import LatentStats, compute_latent_stats
+    from histodiff.diffusion.latent_stats import LatentStats, compute_latent_stats
 
     path = run_dir / "latent_stats.json"
     if path.exists():

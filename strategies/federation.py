@@ -18,7 +18,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.exception import PrivacyBudgetExhausted as CentralBudgetExhausted
 
-from histodiff.training.latent_stats import LatentStats
+from histodiff.diffusion.latent_stats import LatentStats
 from strategies import checkpoint as ckpt
 from strategies import validate
 from strategies.aggregate import MetricMean, build_aggregator

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from histodiff.training.latent_stats import LatentStats, latent_moments
+from histodiff.diffusion.latent_stats import LatentStats, latent_moments
 from strategies.aggregate import MetricMean, ReplyMismatch, StreamingMean
 from wire.codec import decode_tensor, from_record, to_record
 from strategies.schedule import Plan, ServerState, advance, load_state, save_state, start_state

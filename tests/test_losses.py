@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from histodiff.config import Config, LAEConfig, WeightsConfig
-from histodiff.losses import LAELoss, build_lae_loss, eps_loss
+from histodiff.autoencoder.lae_loss import LAELoss, build_lae_loss
+from histodiff.diffusion.dm_module import eps_loss
 from histodiff.autoencoder.discriminator import PatchDiscriminator, build_discriminator
 
 DISC_START = 5

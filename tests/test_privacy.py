@@ -163,7 +163,7 @@ def test_dp_latent_statistics_are_accounted_and_close_to_exact_with_little_noise
     from histodiff.data import TileFolder
     from histodiff.autoencoder.kl_autoencoder import build_autoencoder
     from histodiff.privacy.stats import dp_latent_stats
-    from histodiff.training.latent_stats import compute_latent_stats
+    from histodiff.diffusion.latent_stats import compute_latent_stats
 
     cfg = compose(["profile=tiny", "tiles.image_size=32", "tiles.batch_size=9", "privacy.dp=true",
                    "privacy.noise_multiplier=1e-4", "privacy.target_epsilon=1e12"])

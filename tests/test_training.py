@@ -8,8 +8,9 @@ import torch
 
 from histodiff.config import compose
 from histodiff.data import TileFolder
-from histodiff.training import LatentStats, compute_latent_stats, train_dm_steps, train_lae_steps
-from histodiff.training.latent_stats import latent_moments
+from histodiff.diffusion.latent_stats import LatentStats, compute_latent_stats
+from histodiff.training import train_dm_steps, train_lae_steps
+from histodiff.diffusion.latent_stats import latent_moments
 
 TINY = ["profile=tiny", "weights.perceptual=random", "tiles.image_size=32", "tiles.batch_size=4",
         "train.progress=false", "train.log_every=1000"]
@@ -39,7 +40,7 @@ def test_dm_loss_falls(phantom_tiles, tmp_path):
 
 def test_lae_state_round_trips_and_global_weights_override(phantom_tiles, tmp_path):
     from histodiff.training.common import load_state_file
-    from histodiff.training.lae import LAEModule
+    from histodiff.autoencoder.lae_module import LAEModule
     from histodiff.training.local import load_lae_state
 
     cfg = compose([*TINY, "lae.disc_start=1"])
@@ -100,7 +101,7 @@ def test_lightning_module_one_batch(phantom_tiles):
     import lightning as L
 
     from histodiff.training.common import step_loader
-    from histodiff.training.lae import LAEModule
+    from histodiff.autoencoder.lae_module import LAEModule
 
     cfg = compose([*TINY, "lae.disc_start=0"])
     module = LAEModule(cfg)
@@ -170,7 +171,7 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "he-unlabeled
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data/he-unlabeled is absent")
 def test_real_unlabeled_tiles_train_and_reconstruct(tmp_path):
-    from histodiff.training.lae import LAEModule
+    from histodiff.autoencoder.lae_module import LAEModule
     from histodiff.training.local import load_lae_state
 
     cfg = compose([*TINY, "tiles.image_size=64", "lae.disc_start=100000"])

@@ -153,7 +153,7 @@ def dp_train_lae_steps(cfg, dataset, state_dir: Path, steps: int, init_weights: 
     """``steps`` DP-SGD steps of the autoencoder (L1 + LPIPS + KL; see the module doc for the GAN term)."""
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-    from histodiff.training.lae import LAEModule
+    from histodiff.autoencoder.lae_module import LAEModule
 
     state_dir = Path(state_dir)
     start = time.time()
@@ -208,7 +208,7 @@ def dp_train_dm_steps(cfg, dataset, state_dir: Path, steps: int, autoencoder, sc
                       init_weights: dict[str, torch.Tensor] | None = None, accountant_dir: Path | None = None,
                       site: str = "site") -> LocalResult:
     """``steps`` DP-SGD steps of the UNet on frozen, globally scaled latents (same state as ``train_dm_steps``)."""
-    from histodiff.training.dm import DMModule, build_dm_optimizer, diffusion_loss
+    from histodiff.diffusion.dm_module import DMModule, build_dm_optimizer, diffusion_loss
 
     state_dir = Path(state_dir)
     start = time.time()

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from histodiff.privacy.accountant import SiteAccountant, secret_generator
-from histodiff.training.latent_stats import LatentStats, encoded_latents
+from histodiff.diffusion.latent_stats import LatentStats, encoded_latents
 
 
 @torch.no_grad()

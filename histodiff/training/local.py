@@ -23,8 +23,8 @@ from histodiff.training.common import (
     seed_everything,
     step_loader,
 )
-from histodiff.training.dm import DMModule
-from histodiff.training.lae import LAEModule
+from histodiff.diffusion.dm_module import DMModule
+from histodiff.autoencoder.lae_module import LAEModule
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from collections import defaultdict
 import lightning as L
 import torch
 
-from histodiff.losses import build_lae_loss
+from histodiff.autoencoder.lae_loss import build_lae_loss
 from histodiff.autoencoder.kl_autoencoder import build_autoencoder
 
 

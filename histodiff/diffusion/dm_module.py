@@ -6,11 +6,20 @@ from collections import defaultdict
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from diffusers.training_utils import EMAModel
 
 from histodiff.diffusion.noise_schedule import build_noise_scheduler
-from histodiff.losses import eps_loss
 from histodiff.diffusion.unet import build_unet
+
+
+def eps_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "l2") -> torch.Tensor:
+    """Mean noise-prediction loss: ``l2`` (paper eq. 3) or ``l1`` (the reference release)."""
+    if kind == "l2":
+        return F.mse_loss(pred, target)
+    if kind == "l1":
+        return F.l1_loss(pred, target)
+    raise ValueError(f"eps loss kind {kind!r}; expected l2 or l1")
 
 
 def build_dm_optimizer(unet, dm_cfg, saved: dict | None = None):

@@ -1,4 +1,4 @@
-"""Training losses: the LAE loss (L1 + LPIPS + KL + adaptive PatchGAN hinge, paper eq. 4) and the DM's eps loss."""
+"""The LAE loss (paper eq. 4): L1 + LPIPS + KL + the adaptive PatchGAN hinge term."""
 
 from __future__ import annotations
 
@@ -10,15 +10,6 @@ from torch import Tensor, nn
 
 from histodiff.autoencoder.discriminator import build_discriminator
 from histodiff.weights import build_lpips
-
-
-def eps_loss(pred: Tensor, target: Tensor, kind: str = "l2") -> Tensor:
-    """Mean noise-prediction loss: ``l2`` (paper eq. 3) or ``l1`` (the reference release)."""
-    if kind == "l2":
-        return F.mse_loss(pred, target)
-    if kind == "l1":
-        return F.l1_loss(pred, target)
-    raise ValueError(f"eps loss kind {kind!r}; expected l2 or l1")
 
 
 def _floats(**values: Tensor) -> dict[str, float]:
