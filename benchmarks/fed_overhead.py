@@ -21,7 +21,7 @@ def baseline(steps: int, data: Path, work: Path, threads: int | None = None) -> 
 
     from histodiff.config import compose
     from histodiff.data.tiles import tile_dataset_from_config
-    from histodiff.training.local import train_lae_steps
+    from histodiff.local_training.local_steps import train_lae_steps
     from wire.contract import init_phase
 
     if threads:

@@ -19,7 +19,7 @@ from histodiff.config import compose
 from histodiff.diffusion.noise_schedule import build_ddim
 from histodiff.diffusion.unet import build_unet
 from histodiff.diffusion.ddim_sampling import ddim_sample
-from histodiff.training.common import resolve_precision
+from histodiff.local_training.trainer_setup import resolve_precision
 
 
 def main(argv=None) -> None:

@@ -109,7 +109,7 @@ def bench_lae(cfg, steps: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     from histodiff.config import compose
-    from histodiff.training.common import quiet_libraries
+    from histodiff.local_training.trainer_setup import quiet_libraries
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=5)

@@ -19,7 +19,7 @@ from histodiff.autoencoder.lae_loss import build_lae_loss
 from histodiff.diffusion.dm_module import eps_loss
 from histodiff.autoencoder.kl_autoencoder import build_autoencoder
 from histodiff.diffusion.unet import build_unet
-from histodiff.training.common import make_trainer, step_loader
+from histodiff.local_training.trainer_setup import make_trainer, step_loader
 from histodiff.diffusion.dm_module import DMModule, build_dm_optimizer
 from histodiff.autoencoder.lae_module import LAEModule
 

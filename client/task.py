@@ -122,7 +122,7 @@ def load_dataset(cfg, train: bool = True):
 
 def lae_round(cfg, dataset, site: Site, steps: int, global_weights, mu: float = 0.0):
     from client.proximal import proximal_callbacks
-    from histodiff.training.local import train_lae_steps
+    from histodiff.local_training.local_steps import train_lae_steps
 
     return train_lae_steps(cfg, dataset, site.state / "lae", steps, init_weights=global_weights, progress=False,
                            callbacks=proximal_callbacks(mu, "lae", cfg.lae.share_discriminator))
@@ -130,7 +130,7 @@ def lae_round(cfg, dataset, site: Site, steps: int, global_weights, mu: float = 
 
 def dm_round(cfg, dataset, site: Site, steps: int, global_weights, autoencoder, scale_factor: float, mu: float = 0.0):
     from client.proximal import proximal_callbacks
-    from histodiff.training.local import train_dm_steps
+    from histodiff.local_training.local_steps import train_dm_steps
 
     return train_dm_steps(cfg, dataset, site.state / "dm", steps, autoencoder, scale_factor,
                           init_weights=global_weights, progress=False, callbacks=proximal_callbacks(mu, "dm"))

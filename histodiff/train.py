@@ -37,7 +37,7 @@ def load_dataset(cfg):
 
 
 def _done(state_dir: Path) -> int:
-    from histodiff.training.common import load_state_file
+    from histodiff.local_training.trainer_setup import load_state_file
 
     state = load_state_file(state_dir)
     return int(state["step"]) if state else 0
@@ -54,9 +54,9 @@ def load_autoencoder(run_dir: Path):
 
 def run_lae(cfg, run_dir: Path) -> None:
     from histodiff.diffusion.ddim_sampling import save_grid
-    from histodiff.training import train_lae_steps
+    from histodiff.local_training.local_steps import train_lae_steps
     from histodiff.autoencoder.lae_module import LAEModule
-    from histodiff.training.local import load_lae_state
+    from histodiff.local_training.local_steps import load_lae_state
 
     dataset = load_dataset(cfg)
     state_dir = run_dir / "lae"
@@ -89,8 +89,8 @@ def latent_stats(cfg, run_dir: Path, autoencoder, dataset):
 
 def run_dm(cfg, run_dir: Path) -> None:
     from histodiff.checkpoint import export_global_model
-    from histodiff.training import train_dm_steps
-    from histodiff.training.local import ema_unet_from_state
+    from histodiff.local_training.local_steps import train_dm_steps
+    from histodiff.local_training.local_steps import ema_unet_from_state
 
     autoencoder = load_autoencoder(run_dir)
     dataset = load_dataset(cfg)

@@ -9,7 +9,7 @@ from client import client_app, task
 from client.outbox import OutboxViolation, check_outgoing
 from client.proximal import ProximalTerm
 from histodiff.config import compose
-from histodiff.training.local import LocalResult
+from histodiff.local_training.local_steps import LocalResult
 from wire.codec import from_record, to_record
 from wire.contract import init_phase, phase_shapes
 

@@ -83,7 +83,7 @@ def test_below_min_sites_stops_cleanly_then_resumes(tmp_path):
 def test_one_site_federated_equals_single_site_training(tmp_path):
     from histodiff.data.phantom import write_phantom_site
     from histodiff.data.tiles import tile_dataset_from_config
-    from histodiff.training.local import train_lae_steps
+    from histodiff.local_training.local_steps import train_lae_steps
 
     write_phantom_site(tmp_path / "root" / "site0", per_class=1, size=32, site=0, seed=0, labeled=False)
     rc = _run_config(tmp_path, **{"lae-rounds": 2, "dm-rounds": 0, "deliver": False, "min-sites": 1,

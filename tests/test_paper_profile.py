@@ -5,7 +5,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from histodiff.config import compose
-from histodiff.training import train_dm_steps, train_lae_steps
+from histodiff.local_training.local_steps import train_dm_steps, train_lae_steps
 
 
 def _tiles(size: int, n: int = 2):
@@ -34,7 +34,7 @@ def test_paper_profile_one_step_on_cpu(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_paper_profile_one_step_on_gpu_bf16(tmp_path):
-    from histodiff.training.common import resolve_precision
+    from histodiff.local_training.trainer_setup import resolve_precision
 
     expected = "bf16-mixed" if torch.cuda.is_bf16_supported() else "32-true"
     assert resolve_precision("auto", "auto") == expected and resolve_precision("auto", "cpu") == "32-true"

@@ -37,7 +37,7 @@ print(json.dumps({"epsilon": r.metrics["dp-epsilon"], "step": r.step}))
 def test_epsilon_accumulates_across_phases_rounds_and_restart_then_site_refuses(phantom_tiles, phantom_unlabeled, tmp_path):
     from histodiff.autoencoder.kl_autoencoder import build_autoencoder
     from histodiff.privacy.dp_train import dp_train_dm_steps, dp_train_lae_steps
-    from histodiff.training.common import load_state_file
+    from histodiff.local_training.trainer_setup import load_state_file
 
     cfg = compose(TINY)
     site = tmp_path / "site0"

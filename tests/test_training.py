@@ -9,7 +9,7 @@ import torch
 from histodiff.config import compose
 from histodiff.data import TileFolder
 from histodiff.diffusion.latent_stats import LatentStats, compute_latent_stats
-from histodiff.training import train_dm_steps, train_lae_steps
+from histodiff.local_training.local_steps import train_dm_steps, train_lae_steps
 from histodiff.diffusion.latent_stats import latent_moments
 
 TINY = ["profile=tiny", "weights.perceptual=random", "tiles.image_size=32", "tiles.batch_size=4",
@@ -39,9 +39,9 @@ def test_dm_loss_falls(phantom_tiles, tmp_path):
 
 
 def test_lae_state_round_trips_and_global_weights_override(phantom_tiles, tmp_path):
-    from histodiff.training.common import load_state_file
+    from histodiff.local_training.trainer_setup import load_state_file
     from histodiff.autoencoder.lae_module import LAEModule
-    from histodiff.training.local import load_lae_state
+    from histodiff.local_training.local_steps import load_lae_state
 
     cfg = compose([*TINY, "lae.disc_start=1"])
     result = train_lae_steps(cfg, phantom_tiles, tmp_path, 3)
@@ -62,8 +62,8 @@ def test_lae_state_round_trips_and_global_weights_override(phantom_tiles, tmp_pa
 
 def test_dm_state_keeps_ema_and_warmup(phantom_tiles, tmp_path):
     from histodiff.autoencoder.kl_autoencoder import build_autoencoder
-    from histodiff.training.common import load_state_file
-    from histodiff.training.local import ema_unet_from_state
+    from histodiff.local_training.trainer_setup import load_state_file
+    from histodiff.local_training.local_steps import ema_unet_from_state
 
     cfg = compose([*TINY, "dm.warmup_steps=10"])
     ae = build_autoencoder(cfg.lae).eval()
@@ -100,7 +100,7 @@ def test_lightning_module_one_batch(phantom_tiles):
     """Lightning style: a Trainer with limit_train_batches=1, no logger, no checkpointing."""
     import lightning as L
 
-    from histodiff.training.common import step_loader
+    from histodiff.local_training.trainer_setup import step_loader
     from histodiff.autoencoder.lae_module import LAEModule
 
     cfg = compose([*TINY, "lae.disc_start=0"])
@@ -172,7 +172,7 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "he-unlabeled
 @pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data/he-unlabeled is absent")
 def test_real_unlabeled_tiles_train_and_reconstruct(tmp_path):
     from histodiff.autoencoder.lae_module import LAEModule
-    from histodiff.training.local import load_lae_state
+    from histodiff.local_training.local_steps import load_lae_state
 
     cfg = compose([*TINY, "tiles.image_size=64", "lae.disc_start=100000"])
     real = TileFolder(SHARED, image_size=64, work_dir=tmp_path / "work", train=True, labeled=False)

@@ -143,7 +143,7 @@ def train_classifier(clf_cfg, train_cfg, train_set: Dataset, val_set: Dataset, n
                      batch_size: int, name: str = "classifier", num_workers: int = 0) -> TrainedClassifier:
     """Train a timm model from ``clf_cfg``; return the weights of its best epoch on ``val_set``."""
     from histodiff.evaluation.image_classifier import build_image_classifier
-    from histodiff.training.common import quiet_libraries, resolve_precision, seed_everything
+    from histodiff.local_training.trainer_setup import quiet_libraries, resolve_precision, seed_everything
 
     quiet_libraries()
     seed_everything(seed)

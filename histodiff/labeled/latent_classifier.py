@@ -58,7 +58,7 @@ class LatentClassifierModule(L.LightningModule):
 
 
 def train_latent_classifier(cfg, classifier, alphas_cumprod: torch.Tensor, z: torch.Tensor, y: torch.Tensor) -> float:
-    from histodiff.training.common import make_trainer, seed_everything, step_loader
+    from histodiff.local_training.trainer_setup import make_trainer, seed_everything, step_loader
 
     lc = cfg.latent_classifier
     seed_everything(cfg.seed)

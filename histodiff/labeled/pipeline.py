@@ -15,7 +15,7 @@ from torch.utils.data import ConcatDataset
 from histodiff.data import TileFolder, TileIndex
 from histodiff.labeled.inputs import LabeledInputs, load_inputs
 from histodiff.labeled.stages import Stages, digest, files_fingerprint
-from histodiff.training.common import on_gpu
+from histodiff.local_training.trainer_setup import on_gpu
 
 log = logging.getLogger("histodiff.augment")
 
@@ -296,7 +296,7 @@ def run_augment(cfg, data: str | Path, test: str | Path, model_dir: str | Path, 
 
     Inputs are checked before any heavy work: classes, split sizes, the model folder and its profile.
     """
-    from histodiff.training.common import quiet_libraries
+    from histodiff.local_training.trainer_setup import quiet_libraries
 
     quiet_libraries()
     out = Path(out_dir)

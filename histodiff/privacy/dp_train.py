@@ -1,6 +1,6 @@
 """DP-SGD local steps of a site (opacus, hooks grad-sample mode), mirroring ``train_lae_steps`` / ``train_dm_steps``.
 
-Same state-directory layout as histodiff.training.local (diffusers folders + ``training_state.pt``), so a site
+Same state-directory layout as histodiff.local_training.local_steps (diffusers folders + ``training_state.pt``), so a site
 can switch between private and non-private calls; the accountant lives beside the phase folders.
 
 Why a plain PyTorch loop and not Lightning: opacus owns the optimizer step (per-sample clipping, noise,
@@ -27,8 +27,8 @@ from torch import nn
 
 from histodiff.checkpoint import flat, load_part
 from histodiff.privacy.accountant import SiteAccountant, secret_generator
-from histodiff.training.common import on_gpu, seed_everything
-from histodiff.training.local import (
+from histodiff.local_training.trainer_setup import on_gpu, seed_everything
+from histodiff.local_training.local_steps import (
     LocalResult,
     lae_shared_weights,
     load_dm_state,

@@ -15,7 +15,7 @@ import lightning as L
 import torch
 
 from histodiff.checkpoint import flat, load_part, load_state_dict_file, save_pretrained_atomic, save_state_dict_file
-from histodiff.training.common import (
+from histodiff.local_training.trainer_setup import (
     load_state_file,
     make_trainer,
     on_gpu,

@@ -1,0 +1,3 @@
+""""Train N steps from this state on this data": a site's local LAE and DM steps, shared by single-site runs
+and federated rounds (``local_steps``), and the Lightning trainer, loaders and state files they use
+(``trainer_setup``)."""
