@@ -30,7 +30,7 @@ def main() -> None:
     args = p.parse_args()
 
     from histodiff.config import compose
-    from histodiff.labeled import run_augment
+    from histodiff.labeled_site.pipeline import run_augment
     from histodiff.train import main as train_main
 
     out = Path(args.out)

@@ -29,7 +29,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 @main_guard
 def main(argv: list[str]) -> int:
-    from histodiff.labeled import run_augment
+    from histodiff.labeled_site.pipeline import run_augment
 
     args = parse(argv)
     cfg = compose([*args.overrides, *(["augment.allow_overlap=true"] if args.allow_overlap else [])])

@@ -1,7 +1,7 @@
 """The labeled-site pipeline as the site's own job: ``python -m client.pipeline_job OUT_DIR``.
 
 The deliver message writes ``OUT_DIR/job.json`` and starts this in a process of its own (own session, so neither
-the ClientApp's exit nor a message deadline stops it). It runs ``histodiff.labeled.run_augment``, whose stages
+the ClientApp's exit nor a message deadline stops it). It runs ``histodiff.labeled_site.pipeline.run_augment``, whose stages
 are skipped on a rerun when their outputs are complete, and keeps ``OUT_DIR/job_status.json`` up to date. The
 server's status queries read that file; when the job's process is gone before it finished (a killed or restarted
 site), a query starts it again, and it resumes at the stage where it stopped.
@@ -111,7 +111,7 @@ def status(out: Path) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     from client.task import table_metrics
     from histodiff.config import compose
-    from histodiff.labeled import run_augment
+    from histodiff.labeled_site.pipeline import run_augment
     from histodiff.logs import setup_logging
 
     argv = sys.argv[1:] if argv is None else argv

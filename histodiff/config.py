@@ -374,7 +374,7 @@ def _one_line(exc: BaseException) -> str:
         return f"unknown config key '{key}' (see configs/ for the keys that exist)"
     if "Could not find 'profile/" in text:
         name = text.split("'profile/")[1].split("'")[0]
-        return f"unknown profile '{name}': use profile=tiny or profile=paper"
+        return f"unknown profile '{name}': use profile=tiny, profile=small or profile=paper"
     return "bad config: " + (text.splitlines()[0] if text else type(exc).__name__)
 
 

@@ -7,6 +7,7 @@ Every kind of round (training, latent statistics, SecAgg+ stages, delivery) is t
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -17,6 +18,7 @@ from strategies.aggregate import ReplyMismatch
 from strategies.rounds import RoundTrip
 
 log = logging.getLogger("histodiff.fed")
+WAIT_LOG_EVERY = 30.0  # seconds between "still waiting for" lines while replies are collected (0: never)
 
 
 class RoundFailed(RuntimeError):
@@ -44,15 +46,53 @@ def reason(reply: Message) -> str:
     return "reply without the expected records"
 
 
+def _clock(t: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(t))
+
+
+def _what(messages: list[Message]) -> str:
+    """``train.lae (global round 3)``: the message kind and the round (its group id) a collection is for."""
+    if not messages:
+        return "replies"
+    kind, group = messages[0].metadata.message_type, messages[0].metadata.group_id
+    return f"{kind} (global round {group})" if group else kind
+
+
+class WaitLog:
+    """Every ``every`` seconds while replies are awaited: one line naming the sites still silent, since when and
+    the deadline, e.g. ``[fed] train.lae (global round 3): waiting for 1 of 3 site(s): 12; since 14:02:11 (30 s),
+    deadline 14:12:11 (in 570 s)``."""
+
+    def __init__(self, what: str, asked: int, every: float, say: Callable[[str], None]):
+        self.what, self.asked, self.every, self.say = what, asked, float(every), say
+        self.next = time.monotonic() + self.every
+
+    def __call__(self, trip: RoundTrip) -> None:
+        now = time.monotonic()
+        if self.every <= 0 or now < self.next:
+            return
+        self.next = now + self.every
+        waiting = sorted(trip.pending.values())
+        wall = time.time()
+        self.say(f"[fed] {self.what}: waiting for {len(waiting)} of {self.asked} site(s): "
+                 f"{', '.join(str(n) for n in waiting)}; since {_clock(trip.pushed)} ({wall - trip.pushed:.0f} s), "
+                 f"deadline {_clock(trip.deadline_time)} (in {max(0.0, trip.deadline_time - wall):.0f} s)")
+
+
 def collect(grid: Grid, messages: list[Message], timeout: float, poll: float,
             take: Callable[[int, Message], int | None],
-            refused: Callable[[int, str], None] | None = None) -> Collected:
+            refused: Callable[[int, str], None] | None = None, *,
+            say: Callable[[str], None] | None = None, every: float | None = None) -> Collected:
     """Push ``messages`` and feed each good reply to ``take`` (returns the bytes it received); a site whose reply is
-    an error, or whose reply ``take`` rejects (KeyError, ValueError, TypeError, RuntimeError), is left out."""
+    an error, or whose reply ``take`` rejects (KeyError, ValueError, TypeError, RuntimeError), is left out.
+
+    While replies are awaited, every ``every`` seconds (default ``WAIT_LOG_EVERY``) one line goes to ``say``
+    (default: this module's logger) naming the sites still awaited, since when, and the deadline."""
     out = Collected([m.metadata.dst_node_id for m in messages])
     out.sent = {m.metadata.dst_node_id: sum(r.count_bytes() for r in m.content.array_records.values())
                 for m in messages}
-    trip = RoundTrip(grid, messages, timeout, poll)
+    waiting = WaitLog(_what(messages), len(messages), WAIT_LOG_EVERY if every is None else every, say or log.info)
+    trip = RoundTrip(grid, messages, timeout, poll, tick=waiting)
     messages.clear()  # the grid holds them now: one copy of each model in memory, not two
     for node, reply in trip:
         try:

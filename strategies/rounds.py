@@ -7,22 +7,27 @@ waits for ``min_available_nodes`` forever; this pulls one reply at a time and st
 from __future__ import annotations
 
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
 from flwr.app import Message
 from flwr.serverapp import Grid
 
 
 class RoundTrip:
-    """Push ``messages``; iterate to get ``(node_id, reply)`` pairs; afterwards ``missing`` lists the silent nodes."""
+    """Push ``messages``; iterate to get ``(node_id, reply)`` pairs; afterwards ``missing`` lists the silent nodes.
 
-    def __init__(self, grid: Grid, messages: list[Message], timeout: float, poll: float = 0.5):
-        self.grid, self.poll = grid, poll
+    ``tick``: called once per poll while replies are awaited (``strategies.collect`` says what it waits for)."""
+
+    def __init__(self, grid: Grid, messages: list[Message], timeout: float, poll: float = 0.5,
+                 tick: Callable[["RoundTrip"], None] | None = None):
+        self.grid, self.poll, self.tick = grid, poll, tick
         nodes = [m.metadata.dst_node_id for m in messages]
+        self.pushed = time.time()
         ids = list(grid.push_messages(messages))
         self.pending: dict[str, int] = {mid: node for mid, node in zip(ids, nodes) if mid}
         self.unsent: list[int] = [node for mid, node in zip(ids, nodes) if not mid]
         self.deadline = time.monotonic() + timeout
+        self.deadline_time = self.pushed + timeout  # the same deadline, wall clock
         self.missing: list[int] = []
 
     def __iter__(self) -> Iterator[tuple[int, Message]]:
@@ -36,6 +41,8 @@ class RoundTrip:
                     arrived = True
                     yield node, reply
                     del reply
+            if self.tick is not None and self.pending:
+                self.tick(self)
             if not arrived:
                 time.sleep(min(self.poll, max(0.0, self.deadline - time.monotonic())))
         self.missing = self.unsent + list(self.pending.values())

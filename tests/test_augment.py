@@ -97,7 +97,7 @@ def test_every_output_exists_and_is_well_formed(finished):
 
 
 def test_rerun_skips_every_stage(site, finished):
-    from histodiff.labeled import run_augment
+    from histodiff.labeled_site.pipeline import run_augment
 
     before = (finished / "table1.csv").read_text()
     results = run_augment(compose(TINY), site / "labeled", site / "test", site / "model", finished)
@@ -161,7 +161,7 @@ def test_real_tiles_smoke(tmp_path):
             dest.mkdir(parents=True, exist_ok=True)
             shutil.copy(tile, dest / tile.name)
     export_tiny_model(tmp_path / "model", TINY)
-    from histodiff.labeled import run_augment
+    from histodiff.labeled_site.pipeline import run_augment
 
     cfg = compose([*TINY, "augment.ratios=[1]", "augment.random_ratios=[1]", "augment.val_fraction=0.34"])
     results = run_augment(cfg, tmp_path / "labeled", tmp_path / "test", tmp_path / "model", tmp_path / "out")

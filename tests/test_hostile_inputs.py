@@ -346,7 +346,7 @@ def labeled_site(tmp_path):
 @pytest.fixture
 def inputs_only(monkeypatch):
     """The pipeline stops after its input checks: no weights, no training; table1.md is a stub."""
-    from histodiff.labeled import pipeline
+    from histodiff.labeled_site import pipeline
 
     monkeypatch.setattr(pipeline, "_check_weights", lambda cfg: None)
 

@@ -12,7 +12,7 @@ from torch.utils.data import Dataset
 
 from histodiff.checkpoint import load_state_dict_file, save_state_dict_file
 from histodiff.evaluation.downstream import TrainedClassifier, train_classifier
-from histodiff.labeled.stages import plain
+from histodiff.labeled_site.stage_markers import plain
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 

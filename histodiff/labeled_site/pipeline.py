@@ -13,8 +13,8 @@ import torch
 from torch.utils.data import ConcatDataset
 
 from histodiff.data import TileFolder, TileIndex
-from histodiff.labeled.inputs import LabeledInputs, load_inputs
-from histodiff.labeled.stages import Stages, digest, files_fingerprint
+from histodiff.labeled_site.inputs import LabeledInputs, load_inputs
+from histodiff.labeled_site.stage_markers import Stages, digest, files_fingerprint
 from histodiff.local_training.trainer_setup import on_gpu
 
 log = logging.getLogger("histodiff.augment")
@@ -72,7 +72,7 @@ class Pipeline:
     # ----------------------------------------------------------------------------------- stage 3
 
     def aux_classifier(self) -> tuple[torch.nn.Module, int]:
-        from histodiff.labeled.classifiers import load_classifier, save_classifier, train_site_classifier
+        from histodiff.evaluation.trained_classifiers import load_classifier, save_classifier, train_site_classifier
 
         cfg, where = self.cfg, self.out / "aux_classifier"
         self.key_aux = digest(self.base, cfg.aux_classifier, self.bs)
@@ -90,7 +90,7 @@ class Pipeline:
         from diffusers import AutoencoderKL
 
         from histodiff.checkpoint import save_pretrained_atomic
-        from histodiff.labeled.decoder import finetune_decoder, phi_on_reconstructions
+        from histodiff.finetune.decoder_finetune import finetune_decoder, phi_on_reconstructions
 
         cfg, a, where = self.cfg, self.cfg.augment, self.out / "decoder"
         self.key_dec = digest(self.key_aux, self.model_fp, a.lambda_ce, a.decoder_steps, a.decoder_lr,
@@ -112,7 +112,7 @@ class Pipeline:
 
     def latent_classifier(self, autoencoder, scale: float, alphas: torch.Tensor):
         from histodiff.checkpoint import save_pretrained_atomic
-        from histodiff.labeled.latent_classifier import accuracy_by_timestep, encode_latents, train_latent_classifier
+        from histodiff.guidance.latent_classifier_training import accuracy_by_timestep, encode_latents, train_latent_classifier
         from histodiff.guidance.latent_classifier_net import TimeLatentClassifier, build_latent_classifier
 
         cfg, where = self.cfg, self.out / "latent_classifier"
@@ -137,7 +137,7 @@ class Pipeline:
         return TimeLatentClassifier.from_pretrained(str(where)).eval().requires_grad_(False)
 
     def candidates(self, unet, scheduler, latent_clf, autoencoder, scale: float) -> list[dict]:
-        from histodiff.labeled.generate import candidate_counts, generate_candidates
+        from histodiff.guidance.candidates import candidate_counts, generate_candidates
 
         cfg, a, where = self.cfg, self.cfg.augment, self.out / "synthetic"
         counts = candidate_counts(self.train_counts, [*a.ratios, *a.random_ratios], a.candidates_factor)
@@ -164,7 +164,7 @@ class Pipeline:
     def train_downstream(self, setting: str, seed: int, synthetic: list[int], cand: TileFolder | None,
                          save_to: Path | None = None) -> dict:
         from histodiff.evaluation.downstream import evaluate, predict
-        from histodiff.labeled.classifiers import save_classifier, train_site_classifier
+        from histodiff.evaluation.trained_classifiers import save_classifier, train_site_classifier
 
         cfg = self.cfg
         paths = sorted(cand.index.entries[i][0] for i in synthetic) if cand is not None else []
@@ -192,7 +192,7 @@ class Pipeline:
         return rec["metrics"]
 
     def score(self, baseline, baseline_size: int, cand: TileFolder, records: list[dict]) -> dict[str, torch.Tensor]:
-        from histodiff.labeled.scoring import score_all
+        from histodiff.selection.candidate_features import score_all
 
         cfg, where = self.cfg, self.out / "selection" / "scores.pt"
         key = digest(self.key_cand, self.key_base0, cfg.weights.inception, cfg.weights.inception_path)
@@ -210,9 +210,9 @@ class Pipeline:
         from histodiff.checkpoint import load_global_model
         from histodiff.diffusion.noise_schedule import build_ddim
         from histodiff.evaluation.fid import fid_report
-        from histodiff.labeled.classifiers import load_classifier
-        from histodiff.labeled.report import confusion_png, row_label, table_rows, write_tables
-        from histodiff.labeled.select import make_selections, write_manifest
+        from histodiff.evaluation.trained_classifiers import load_classifier
+        from histodiff.evaluation.table1 import confusion_png, row_label, table_rows, write_tables
+        from histodiff.selection.augment_sets import make_selections, write_manifest
 
         cfg, a, out = self.cfg, self.cfg.augment, self.out
         started = time.perf_counter()
@@ -276,7 +276,7 @@ class Pipeline:
         return self.results
 
     def _grids(self, cand: TileFolder, selections) -> None:
-        from histodiff.labeled.report import class_grid
+        from histodiff.evaluation.table1 import class_grid
 
         n = self.cfg.augment.grid_tiles
         shown = max(selections, key=lambda s: len(s.indices)).indices if selections else []
