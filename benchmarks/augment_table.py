@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from histodiff.data.phantom import CLASSES, write_phantom_site
+from histodiff.data.phantom_tissue import CLASSES, write_phantom_site
 
 
 def main() -> None:

@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads of the baseline (1: what each simulated site gets; default: torch's)")
     a = p.parse_args(argv)
-    from histodiff.data.phantom import write_phantom_site
+    from histodiff.data.phantom_tissue import write_phantom_site
 
     d = Path(tempfile.mkdtemp(prefix="fedover"))
     write_phantom_site(d / "root" / "site0", per_class=4, size=64, site=0, seed=0, labeled=False)

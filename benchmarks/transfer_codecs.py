@@ -89,7 +89,7 @@ def federation(root: Path, dtype: str, args, secagg: bool = False) -> tuple[list
 
 @torch.no_grad()
 def sample_fid(run: Path, cfg, real_dir: Path, n: int) -> float:
-    from histodiff.checkpoint import load_global_model
+    from histodiff.model_files import load_global_model
     from histodiff.data.tiles import tile_dataset_from_config
     from histodiff.diffusion.noise_schedule import build_ddim
     from histodiff.evaluation.fid import fid, inception_features
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=64)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    from histodiff.data.phantom import write_phantom_site
+    from histodiff.data.phantom_tissue import write_phantom_site
     from wire.settings import Settings
 
     root = Path(args.out or tempfile.mkdtemp(prefix="transfer-codecs-"))

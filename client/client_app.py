@@ -13,7 +13,7 @@ import time
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client import privacy, task
+from client import site_privacy, task
 from client.outbox import check_outgoing
 from wire import contract, downlink
 from wire.codec import ErrorFeedback, difference, from_record
@@ -106,7 +106,7 @@ def _train_reply(message: Message, cfg, site, phase: str, result, global_weights
     metrics = {**result.metrics, "num-examples": result.num_examples, "step": result.step}
     update = difference(result.weights, global_weights)
     del result.weights
-    update, clip_metrics = privacy.clip_update(cfg, update, _clipping_norm(conf))
+    update, clip_metrics = site_privacy.clip_update(cfg, update, _clipping_norm(conf))
     metrics.update(clip_metrics)
     allowed = contract.phase_shapes(cfg, phase)
     if secure is None:
@@ -163,7 +163,7 @@ def train_lae(message: Message, context: Context) -> Message:
     weights = _starting_point(message, site, "lae")
     secure = _secure_round(message, context, cfg)  # SecAgg+: shares decrypted before any training
     # DP-SGD under local DP (a budget refusal raises: an error reply with a one-line reason), else task.lae_round
-    result = privacy.lae_round(cfg, task.load_dataset(cfg), site, int(conf["local-steps"]), weights,
+    result = site_privacy.lae_round(cfg, task.load_dataset(cfg), site, int(conf["local-steps"]), weights,
                                float(conf.get("proximal-mu", 0.0)))
     return _train_reply(message, cfg, site, "lae", result, weights, secure, start)
 
@@ -178,7 +178,7 @@ def latent_stats(message: Message, context: Context) -> Message:
         raise RuntimeError("the global autoencoder arrived corrupted (digest mismatch)")
     secure = _secure_round(message, context, cfg)
     dataset = task.load_dataset(cfg, train=False)
-    stats, dp_metrics = privacy.latent_stats(cfg, dataset, contract.autoencoder_from(cfg, weights), site)
+    stats, dp_metrics = site_privacy.latent_stats(cfg, dataset, contract.autoencoder_from(cfg, weights), site)
     if secure is None:
         content = RecordDict({METRICS_KEY: _metrics({
             "latent-sum": float(stats.sum), "latent-sum-sq": float(stats.sum_sq), "latent-count": int(stats.count),
@@ -211,7 +211,7 @@ def train_dm(message: Message, context: Context) -> Message:
     autoencoder = contract.autoencoder_from(cfg, ae_weights)
     weights = _starting_point(message, site, "dm")
     secure = _secure_round(message, context, cfg)
-    result = privacy.dm_round(cfg, task.load_dataset(cfg), site, int(conf["local-steps"]), weights, autoencoder,
+    result = site_privacy.dm_round(cfg, task.load_dataset(cfg), site, int(conf["local-steps"]), weights, autoencoder,
                               float(conf["scale-factor"]), float(conf.get("proximal-mu", 0.0)))
     return _train_reply(message, cfg, site, "dm", result, weights, secure, start)
 

@@ -104,7 +104,7 @@ def ensure_phantom(cfg, site: Site, per_class: int, seed: int) -> None:
     done = site.data / ".complete"
     if done.exists():
         return
-    from histodiff.data.phantom import write_phantom_site
+    from histodiff.data.phantom_tissue import write_phantom_site
 
     write_phantom_site(site.data, per_class=per_class, size=cfg.tiles.image_size, site=site.phantom, seed=seed,
                        labeled=site.role == "labeled")
@@ -146,7 +146,7 @@ def latent_stats(cfg, dataset, autoencoder):
 
 
 def cache_global_autoencoder(site: Site, weights: dict[str, torch.Tensor]) -> str:
-    from histodiff.checkpoint import save_state_dict_file
+    from histodiff.model_files import save_state_dict_file
 
     digest = weights_digest(weights)
     save_state_dict_file(weights, site.state / "global_autoencoder.safetensors")
@@ -155,7 +155,7 @@ def cache_global_autoencoder(site: Site, weights: dict[str, torch.Tensor]) -> st
 
 
 def cached_global_autoencoder(site: Site, digest: str) -> dict[str, torch.Tensor]:
-    from histodiff.checkpoint import load_state_dict_file
+    from histodiff.model_files import load_state_dict_file
 
     path = site.state / "global_autoencoder.safetensors"
     have = (site.state / "global_autoencoder.digest").read_text().strip() if path.exists() else None
@@ -172,7 +172,7 @@ def deliver(cfg, settings, site: Site, ae_weights, unet_weights, scale_factor: f
     """Store the global model at the labeled site and start its augmentation pipeline as the site's own job
     (``client.pipeline_job``) unless ``run_pipeline`` is false or the site has no test set; answers at once."""
     from client import pipeline_job
-    from histodiff.checkpoint import export_global_model
+    from histodiff.model_files import export_global_model
     from wire.contract import autoencoder_from, unet_from
 
     model_dir = export_global_model(site.state / "global_model", cfg, autoencoder_from(cfg, ae_weights),

@@ -157,7 +157,7 @@ class AugmentConfig:
 
 @dataclass
 class PrivacyConfig:
-    """Differential privacy of what leaves a site (histodiff/privacy, strategies/privacy.py, client/privacy.py)."""
+    """Differential privacy of what leaves a site (histodiff/privacy, strategies/privacy_ledger.py, client/site_privacy.py)."""
 
     dp: bool = False  # DP-SGD at each site (mode=local) or clipped updates + server noise (mode=central)
     mode: str = "local"  # local: opacus DP-SGD at the site | central: Flower client clipping + server noise

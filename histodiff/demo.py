@@ -25,7 +25,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     from histodiff import train
-    from histodiff.data.phantom import write_phantom_site
+    from histodiff.data.phantom_tissue import write_phantom_site
 
     out = Path(args.out)
     tiles = out / "phantom-site0"

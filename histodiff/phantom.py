@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from histodiff.config import main_guard
-from histodiff.data.phantom import CLASSES, write_phantom_site
+from histodiff.data.phantom_tissue import CLASSES, write_phantom_site
 from histodiff.errors import InputError
 
 

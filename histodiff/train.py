@@ -88,7 +88,7 @@ def latent_stats(cfg, run_dir: Path, autoencoder, dataset):
 
 
 def run_dm(cfg, run_dir: Path) -> None:
-    from histodiff.checkpoint import export_global_model
+    from histodiff.model_files import export_global_model
     from histodiff.local_training.local_steps import train_dm_steps
     from histodiff.local_training.local_steps import ema_unet_from_state
 
@@ -108,7 +108,7 @@ def run_dm(cfg, run_dir: Path) -> None:
 
 
 def run_sample(cfg, run_dir: Path) -> None:
-    from histodiff.checkpoint import load_global_model
+    from histodiff.model_files import load_global_model
     from histodiff.diffusion.noise_schedule import build_ddim
     from histodiff.diffusion.ddim_sampling import ddim_sample, decode_latents, save_grid, save_tiles
 

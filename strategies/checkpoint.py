@@ -22,7 +22,7 @@ def save_round(run_dir: Path, name: str, cfg, weights: dict[str, torch.Tensor],
     """Write the global weights and strategy state of one round; returns the folder relative to ``run_dir``."""
     from safetensors.torch import save_file
 
-    from histodiff.checkpoint import save_pretrained_atomic, save_state_dict_file
+    from histodiff.model_files import save_pretrained_atomic, save_state_dict_file
     from histodiff.autoencoder.kl_autoencoder import build_autoencoder
     from histodiff.diffusion.unet import build_unet
 
@@ -86,7 +86,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def export_model(run_dir: Path, cfg, weights: dict[str, torch.Tensor], scale_factor: float) -> Path:
     """The deliverable: ``run_dir/global_model`` (autoencoder/, unet/, scheduler/, model_info.json)."""
-    from histodiff.checkpoint import export_global_model
+    from histodiff.model_files import export_global_model
     from wire.contract import autoencoder_from, unet_from
 
     return export_global_model(Path(run_dir) / "global_model", cfg, autoencoder_from(cfg, weights),

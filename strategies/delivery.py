@@ -6,9 +6,11 @@ site's Table 1 arrives, its pipeline fails, or ``deliver-timeout`` passes. No me
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from flwr.app import ConfigRecord, Message, RecordDict
 
+from strategies.board import IMAGES_KEY, labeled_grids
 from strategies.collect import Collected, RoundFailed, collect
 from strategies.schedule import save_state
 from wire import contract
@@ -26,14 +28,25 @@ def deliver_round(fed) -> dict:
     nodes = fed._sites("labeled", 1)
     if not fed.state.delivered:
         _hand_over(fed, nodes)
+    following = time.time()
     results = _follow(fed, [int(n) for n in fed.state.delivered])
     got = Collected(asked=nodes, answered=[int(n) for n, r in results.items() if r["status"] in ("done", "off")],
                     dropped={int(n): f"pipeline {r['status']}: {r.get('error', '')}".strip()
                              for n, r in results.items() if r["status"] not in ("done", "off")},
                     sent={int(n): b for n, b in fed.state.delivered.items()})
-    line = fed._line("deliver", start, got, {})
+    line = fed._line("deliver", start, got, {}, {"hand-over": following - start, "pipeline": time.time() - following})
     line["labeled_sites"] = results
+    grids = labeled_grids([fed.run_dir, *([Path(fed.s.work_root)] if fed.s.work_root else [])])
+    if grids:  # readable where the labeled site's folder is (simulation): shown in TensorBoard and the dashboard
+        line[IMAGES_KEY] = {tag: _relative(path, fed.run_dir) for tag, path in grids.items()}
     return line
+
+
+def _relative(path: str, root: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(Path(root).resolve()))
+    except ValueError:
+        return str(Path(path).resolve())
 
 
 def _hand_over(fed, nodes: list[int]) -> None:
@@ -44,7 +57,8 @@ def _hand_over(fed, nodes: list[int]) -> None:
     messages = [fed._message(RecordDict({AUTOENCODER_KEY: ae, UNET_KEY: unet, CONFIG_KEY: config}), n,
                              "train.deliver") for n in nodes]
     del ae, unet
-    got = collect(fed.grid, messages, fed.s.round_timeout, fed.s.poll, lambda node, reply: _accepted(reply))
+    got = collect(fed.grid, messages, fed.s.round_timeout, fed.s.poll, lambda node, reply: _accepted(reply),
+                  say=fed.emit)
     fed._log_dropped("deliver", got.dropped)
     if not got.answered:
         raise RoundFailed(f"none of {len(nodes)} labeled site(s) took the global model")
@@ -70,7 +84,7 @@ def _follow(fed, nodes: list[int]) -> dict[str, dict]:
         messages = [fed._message(RecordDict({CONFIG_KEY: ConfigRecord({"phase": "deliver-status"})}), n,
                                  "query.deliver_status") for n in sorted(pending)]
         got = collect(fed.grid, messages, min(fed.s.round_timeout, STATUS_TIMEOUT), fed.s.poll,
-                      lambda node, reply: statuses.__setitem__(node, dict(reply.content[METRICS_KEY])))
+                      lambda node, reply: statuses.__setitem__(node, dict(reply.content[METRICS_KEY])), say=fed.emit)
         for node, m in statuses.items():
             status = PIPELINE_STATES.get(int(m.pop("pipeline-state", 0)), "running")
             if status == "running":

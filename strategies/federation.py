@@ -2,7 +2,8 @@
 min-sites, streaming aggregation of the sites' updates, a checkpoint after every round, resume.
 
 Helpers: ``collect`` (send, collect, note dropped sites), ``secure_rounds`` (SecAgg+ stages), ``delivery``
-(the labeled sites' pipelines), ``report`` (metrics lines), ``wire.downlink`` (what the sites hold).
+(the labeled sites' pipelines), ``report`` (metrics lines), ``board`` (TensorBoard event files),
+``wire.downlink`` (what the sites hold).
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from histodiff.diffusion.latent_stats import LatentStats
 from strategies import checkpoint as ckpt
 from strategies import validate
 from strategies.aggregate import MetricMean, build_aggregator
+from strategies.board import RunBoard
 from strategies.collect import Collected, RoundFailed, collect
-from strategies.privacy import CentralDP, PrivacyLedger, without_privacy_metrics
+from strategies.privacy_ledger import CentralDP, PrivacyLedger, without_privacy_metrics
 from strategies.report import progress_line, round_line
 from strategies.schedule import Plan, ServerState, advance, load_state, save_state, start_state
 from strategies.secure_rounds import SecureRounds, summary
@@ -59,6 +61,7 @@ class Federation:
         self.central = (CentralDP.from_config(cfg, population_size=settings.dp_population)
                         if cfg.privacy.dp and cfg.privacy.mode == "central" else None)
         self.secure = SecureRounds(grid, settings, cfg, self._message, self.emit)
+        self.board = RunBoard(self.run_dir)  # TensorBoard, <run_dir>/tensorboard/: one step per committed round
 
     @classmethod
     def from_run_config(cls, grid: Grid, run_config, emit: Callable[[str], None] | None = None) -> "Federation":
@@ -69,6 +72,12 @@ class Federation:
     # ------------------------------------------------------------------ lifecycle
 
     def run(self) -> ServerState:
+        try:
+            return self._run()
+        finally:
+            self.board.close()
+
+    def _run(self) -> ServerState:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._load_or_init()
         failing_since: float | None = None
@@ -141,6 +150,7 @@ class Federation:
         self.ema = ServerEMA(*self.ema_rule) if self.state.phase == "dm" else ServerEMA(0.0)
 
     def _commit(self, line: dict) -> None:
+        saving = time.time()
         finished_phase = self.state.phase
         advance(self.state, self.plan)
         if self.state.phase != finished_phase:
@@ -166,7 +176,9 @@ class Federation:
         self.state.checkpoint = rel
         save_state(self.run_dir, self.state)
         ckpt.prune(self.run_dir, rel)
+        line.setdefault("stages", {})["checkpoint"] = round(time.time() - saving, 3)
         ckpt.append_metrics(self.run_dir, line)
+        self.board.round(line)  # after the line: a crash in between is caught up on resume
         self.emit(progress_line(line))
 
     # ------------------------------------------------------------------ sites and messages
@@ -185,7 +197,7 @@ class Federation:
 
             got = collect(self.grid, [Message(RecordDict({CONFIG_KEY: ConfigRecord({"phase": "role"})}), n,
                                               "query.role", ttl=self.s.round_timeout + 60) for n in unknown],
-                          min(self.s.round_timeout, 120.0), self.s.poll, take)
+                          min(self.s.round_timeout, 120.0), self.s.poll, take, say=self.emit)
             for node, why in got.dropped.items():
                 log.warning("node %s did not tell its role: %s", node, why)
         chosen = [n for n in nodes if self.state.roles.get(str(n)) == role]
@@ -221,9 +233,16 @@ class Federation:
         """The global autoencoder's flat arrays (without the discriminator): frozen after the LAE phase."""
         return {k: v for k, v in self.weights.items() if k.startswith("autoencoder.")}
 
-    def _line(self, phase: str, start: float, got: Collected, losses: dict) -> dict:
+    def _line(self, phase: str, start: float, got: Collected, losses: dict, stages: dict | None = None,
+              per_site: dict | None = None) -> dict:
         return round_line(phase, self.state.phase_round + 1, self.plan.rounds(phase), self.state.global_round + 1,
-                          start, got, losses)
+                          start, got, losses, stages=stages, per_site=per_site)
+
+    @staticmethod
+    def _stages(start: float, collecting: float, aggregating: float) -> dict:
+        """Seconds per stage of a round: building the messages (SecAgg+ keys and shares included), the sites
+        (push to last reply: their training and the transfers), aggregation (SecAgg+ unmasking included)."""
+        return {"prepare": collecting - start, "sites": aggregating - collecting, "aggregate": time.time() - aggregating}
 
     def _log_dropped(self, phase: str, dropped: dict) -> None:
         for node, why in dropped.items():
@@ -273,7 +292,7 @@ class Federation:
                                                    self.s.trim_fraction)
         expected = {k: (tuple(v.shape), v.is_floating_point()) for k, v in base.items()}
         guard = validate.NormGuard(self.s.norm_bound, self.s.norm_action, self.state.norm_reference.get(phase))
-        metrics, clipped = MetricMean(), {}
+        metrics, clipped, per_site = MetricMean(), {}, {}
 
         def take(node: int, reply: Message) -> int:
             # the whole reply is checked before any of it reaches the aggregate
@@ -286,8 +305,10 @@ class Federation:
             else:
                 update, _ = guard.check(validate.update_of(reply.content, expected))
                 acc.add_tensors(update, 1.0 if self.central else n)  # central DP: equal weights bound the sensitivity
-            metrics.add({k: v for k, v in without_privacy_metrics(m).items()
-                         if k not in ("num-examples", "step", "secagg-clipped")}, n)
+            shown = {k: v for k, v in without_privacy_metrics(m).items()
+                     if k not in ("num-examples", "step", "secagg-clipped")}
+            metrics.add(shown, n)
+            per_site[node] = {k: float(v) for k, v in shown.items()}
             self.privacy.record(node, phase, self.state.global_round + 1, m, len(arrays), arrays.count_bytes())
             if phase == "dm" and node not in self.state.has_lae:
                 self.state.has_lae.append(node)
@@ -298,7 +319,9 @@ class Federation:
             if phase == "dm" and node in self.state.has_lae and "global autoencoder" in why:
                 self.state.has_lae.remove(node)  # resend the encoder next time
 
-        got = collect(self.grid, messages, self.s.round_timeout, self.s.poll, take, refused)
+        collecting = time.time()
+        got = collect(self.grid, messages, self.s.round_timeout, self.s.poll, take, refused, say=self.emit)
+        aggregating = time.time()
         got.dropped.update(dropped)
         self._log_dropped(phase, got.dropped)
         if secure:  # stage 4: the survivors' shares remove the masks; only the weighted mean update appears
@@ -318,7 +341,8 @@ class Federation:
         down.confirm(got.answered)
         if guard.norms:
             self.state.norm_reference[phase] = guard.next_reference()
-        line = self._line(phase, start, got, metrics.mean())
+        per_site = {n: v for n, v in per_site.items() if n in got.answered}
+        line = self._line(phase, start, got, metrics.mean(), self._stages(start, collecting, aggregating), per_site)
         if secure:
             line["secagg"] = summary(secure, clipped)
         return line
@@ -355,9 +379,11 @@ class Federation:
             self.privacy.record(node, "latent-stats", self.state.global_round + 1, m)
             return 0
 
+        collecting = time.time()
         got = collect(self.grid, messages, self.s.round_timeout, self.s.poll, take,
                       lambda node, why: self.privacy.record_refusal(node, "latent-stats",
-                                                                    self.state.global_round + 1, why))
+                                                                    self.state.global_round + 1, why), say=self.emit)
+        aggregating = time.time()
         got.dropped.update(dropped)
         self._log_dropped("latent-stats", got.dropped)
         if secure:  # only the tile-weighted mean of the sites' latent moments is unmasked
@@ -377,7 +403,7 @@ class Federation:
         self.state.scale_factor = float(total.scale_factor)
         self.state.latent_stats = total.to_dict()
         self.state.has_lae = sorted(got.answered)
-        line = self._line("latent-stats", start, got, {})
+        line = self._line("latent-stats", start, got, {}, self._stages(start, collecting, aggregating))
         line.update(scale_factor=self.state.scale_factor, latent_mean=total.mean, latent_std=total.std)
         if secure:
             line["secagg"] = summary(secure, {})

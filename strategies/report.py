@@ -10,8 +10,10 @@ MB = 1e6
 
 
 def round_line(phase: str, phase_round: int, rounds: int, global_round: int, start: float, got: Collected,
-               losses: dict) -> dict:
-    return {
+               losses: dict, stages: dict | None = None, per_site: dict | None = None) -> dict:
+    """One ``metrics.jsonl`` line. ``stages``: seconds per stage of the round (the federation adds ``checkpoint``);
+    ``per_site``: each answering site's own metrics (``losses`` is their tile-weighted mean)."""
+    line = {
         "phase": phase, "round": phase_round, "rounds": rounds, "global_round": global_round,
         "sites_asked": len(got.asked), "sites_answered": len(got.answered),
         "dropped": {str(k): v for k, v in got.dropped.items()}, "losses": losses,
@@ -19,7 +21,11 @@ def round_line(phase: str, phase_round: int, rounds: int, global_round: int, sta
         "bytes_sent_per_site": {str(k): int(v) for k, v in got.sent.items()},
         "bytes_received_per_site": {str(k): int(v) for k, v in got.received.items()},
         "seconds": round(time.time() - start, 3), "time": time.time(),
+        "stages": {k: round(float(v), 3) for k, v in (stages or {}).items()},
     }
+    if per_site:
+        line["losses_per_site"] = {str(k): v for k, v in per_site.items()}
+    return line
 
 
 def progress_line(line: dict) -> str:

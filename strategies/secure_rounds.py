@@ -37,7 +37,7 @@ class SecureRounds:
 
         # the sites answer these in milliseconds (no training): poll faster than a training round does
         got = collect(self.grid, [self.message(content, n, kind) for n in nodes], self.s.round_timeout,
-                      min(self.s.poll, 0.05), take)
+                      min(self.s.poll, 0.05), take, say=self.emit)
         return replies, got.dropped
 
     def open(self, phase: str, round_no: int, nodes: list[int], shapes: dict, dropped: dict) -> SecureSum:

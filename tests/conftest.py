@@ -21,7 +21,7 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def phantom_labeled(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A labeled phantom site: 3 tiles of each of the nine classes, 32 px, site 0."""
-    from histodiff.data.phantom import write_phantom_site
+    from histodiff.data.phantom_tissue import write_phantom_site
 
     return write_phantom_site(tmp_path_factory.mktemp("phantom") / "site0", per_class=3, size=32, site=0, seed=0)
 
@@ -29,7 +29,7 @@ def phantom_labeled(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def phantom_unlabeled(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An unlabeled phantom site: 4 tiles of each class, 32 px, flat folder (pre-training data)."""
-    from histodiff.data.phantom import write_phantom_site
+    from histodiff.data.phantom_tissue import write_phantom_site
 
     return write_phantom_site(tmp_path_factory.mktemp("phantom") / "unlabeled", per_class=4, size=32, site=0,
                               seed=0, labeled=False)

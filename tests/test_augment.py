@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from histodiff.config import compose
-from histodiff.data.phantom import write_phantom_site
+from histodiff.data.phantom_tissue import write_phantom_site
 
 CLASSES4 = ["ADI", "LYM", "MUC", "TUM"]
 TINY = ["profile=tiny", "weights.perceptual=random", "weights.inception=random", "tiles.image_size=32",
@@ -24,7 +24,7 @@ MANIFEST = {"class", "seed", "guidance_scale", "ddim_steps", "confidence", "dist
 
 
 def export_tiny_model(out: Path, overrides: list[str]) -> Path:
-    from histodiff.checkpoint import export_global_model
+    from histodiff.model_files import export_global_model
     from histodiff.autoencoder.kl_autoencoder import build_autoencoder
     from histodiff.diffusion.unet import build_unet
 

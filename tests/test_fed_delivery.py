@@ -11,7 +11,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from client.client_app import app
 from client.pipeline_job import read_status
-from histodiff.checkpoint import flat
+from histodiff.model_files import flat
 from strategies.checkpoint import read_metrics
 from strategies.federation import Federation
 from strategies.server_opt import ServerEMA

@@ -15,7 +15,7 @@ from wire.codec import from_record
 from strategies.checkpoint import read_metrics
 from strategies.federation import Federation
 from tests.inprocess_grid import InProcessGrid
-from strategies.privacy import LEDGER_FILE
+from strategies.privacy_ledger import LEDGER_FILE
 from strategies.schedule import load_state
 from wire.settings import Settings
 

@@ -324,7 +324,7 @@ SMALL = ["profile=tiny", "tiles.image_size=32", "weights.perceptual=random", "we
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
-    from histodiff.checkpoint import export_global_model
+    from histodiff.model_files import export_global_model
     from histodiff.config import compose
     from histodiff.autoencoder.kl_autoencoder import build_autoencoder
     from histodiff.diffusion.unet import build_unet
@@ -402,7 +402,7 @@ def test_augment_refuses_a_damaged_model_folder_before_any_work(labeled_site, ti
 
 
 def test_load_global_model_names_the_damaged_folder(tiny_model, tmp_path):
-    from histodiff.checkpoint import load_global_model
+    from histodiff.model_files import load_global_model
     from histodiff.config import compose
     from histodiff.errors import InputError
 

@@ -129,7 +129,7 @@ def started(tmp_path):
 
 def bring_up(tmp_path: Path, started: loopback.Processes) -> dict:
     """SuperLink, key registration and site0's SuperNode from the rendered manifests; returns what they used."""
-    from histodiff.data.phantom import write_phantom_site
+    from histodiff.data.phantom_tissue import write_phantom_site
 
     site = "site0"
     coordinator = render.render(K8S / "overlays" / "coordinator")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from histodiff.data.phantom import CLASSES, generate_tile, write_phantom_site
+from histodiff.data.phantom_tissue import CLASSES, generate_tile, write_phantom_site
 from histodiff.data.stain import render, site_style
 from histodiff.data.tiles import scan_tiles
 from histodiff.phantom import main

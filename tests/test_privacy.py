@@ -67,7 +67,7 @@ def test_target_epsilon_mode_spends_the_budget_in_planned_steps(tmp_path):
 
 
 def test_ledger_records_per_site_epsilon_and_stops_exhausted_sites(tmp_path):
-    from strategies.privacy import PrivacyLedger, without_privacy_metrics
+    from strategies.privacy_ledger import PrivacyLedger, without_privacy_metrics
 
     ledger = PrivacyLedger(tmp_path)
     ledger.record(11, "lae", 1, {"dp-epsilon": 1.0, "dp-delta": 1e-5, "dp-target-epsilon": 3.0, "rec": 0.5})
@@ -86,8 +86,8 @@ def test_ledger_records_per_site_epsilon_and_stops_exhausted_sites(tmp_path):
 def test_central_dp_noise_accounting_and_client_clipping(tmp_path):
     from flwr.serverapp.exception import PrivacyBudgetExhausted as FlowerExhausted
 
-    from client.privacy import clip_update
-    from strategies.privacy import CentralDP
+    from client.site_privacy import clip_update
+    from strategies.privacy_ledger import CentralDP
 
     from histodiff.config import compose
 
@@ -129,7 +129,7 @@ def test_central_dp_noise_accounting_and_client_clipping(tmp_path):
 def test_privacy_report_from_run_dir(tmp_path):
     from histodiff.config import compose
     from server.privacy_report import write_privacy_report
-    from strategies.privacy import PrivacyLedger
+    from strategies.privacy_ledger import PrivacyLedger
 
     site = tmp_path / "sites" / "site0" / "run"
     acc = _accountant(site)
@@ -162,7 +162,7 @@ def test_dp_latent_statistics_are_accounted_and_close_to_exact_with_little_noise
     from histodiff.config import compose
     from histodiff.data import TileFolder
     from histodiff.autoencoder.kl_autoencoder import build_autoencoder
-    from histodiff.privacy.stats import dp_latent_stats
+    from histodiff.privacy.dp_latent_stats import dp_latent_stats
     from histodiff.diffusion.latent_stats import compute_latent_stats
 
     cfg = compose(["profile=tiny", "tiles.image_size=32", "tiles.batch_size=9", "privacy.dp=true",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from histodiff.checkpoint import flat, load_part, part
+from histodiff.model_files import flat, load_part, part
 
 __all__ = ["flat", "load_part", "part"]  # the flat layout, from the science package
 

@@ -14,7 +14,7 @@ def build_image_classifier(clf_cfg, num_classes: int) -> torch.nn.Module:
         kwargs.setdefault("img_size", clf_cfg.img_size)
     model = timm.create_model(clf_cfg.model, pretrained=False, num_classes=num_classes, **kwargs)
     if clf_cfg.pretrained_path:
-        from histodiff.checkpoint import load_state_dict_file
+        from histodiff.model_files import load_state_dict_file
 
         state = load_state_dict_file(clf_cfg.pretrained_path)
         # the classification head of a pretrained file has another class count: keep ours

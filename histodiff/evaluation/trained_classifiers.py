@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from histodiff.checkpoint import load_state_dict_file, save_state_dict_file
+from histodiff.model_files import load_state_dict_file, save_state_dict_file
 from histodiff.evaluation.downstream import TrainedClassifier, train_classifier
 from histodiff.labeled_site.stage_markers import plain
 

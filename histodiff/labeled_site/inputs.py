@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from histodiff.checkpoint import MODEL_INFO
+from histodiff.model_files import MODEL_INFO
 from histodiff.data import TileFolder, TileIndex
 from histodiff.evaluation.downstream import carve_validation
 from histodiff.errors import InputError

@@ -89,7 +89,7 @@ class Pipeline:
     def decoder(self, autoencoder, phi, phi_size: int):
         from diffusers import AutoencoderKL
 
-        from histodiff.checkpoint import save_pretrained_atomic
+        from histodiff.model_files import save_pretrained_atomic
         from histodiff.finetune.decoder_finetune import finetune_decoder, phi_on_reconstructions
 
         cfg, a, where = self.cfg, self.cfg.augment, self.out / "decoder"
@@ -111,7 +111,7 @@ class Pipeline:
     # ----------------------------------------------------------------------------------- stage 4
 
     def latent_classifier(self, autoencoder, scale: float, alphas: torch.Tensor):
-        from histodiff.checkpoint import save_pretrained_atomic
+        from histodiff.model_files import save_pretrained_atomic
         from histodiff.guidance.latent_classifier_training import accuracy_by_timestep, encode_latents, train_latent_classifier
         from histodiff.guidance.latent_classifier_net import TimeLatentClassifier, build_latent_classifier
 
@@ -207,7 +207,7 @@ class Pipeline:
         return torch.load(where, weights_only=True)
 
     def run(self) -> dict[str, Any]:
-        from histodiff.checkpoint import load_global_model
+        from histodiff.model_files import load_global_model
         from histodiff.diffusion.noise_schedule import build_ddim
         from histodiff.evaluation.fid import fid_report
         from histodiff.evaluation.trained_classifiers import load_classifier

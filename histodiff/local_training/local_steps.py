@@ -14,7 +14,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from histodiff.checkpoint import flat, load_part, load_state_dict_file, save_pretrained_atomic, save_state_dict_file
+from histodiff.model_files import flat, load_part, load_state_dict_file, save_pretrained_atomic, save_state_dict_file
 from histodiff.local_training.trainer_setup import (
     load_state_file,
     make_trainer,

@@ -25,7 +25,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from histodiff.checkpoint import flat, load_part
+from histodiff.model_files import flat, load_part
 from histodiff.privacy.accountant import SiteAccountant, secret_generator
 from histodiff.local_training.trainer_setup import on_gpu, seed_everything
 from histodiff.local_training.local_steps import (

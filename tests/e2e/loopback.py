@@ -22,7 +22,7 @@ def run_config(**extra: str) -> str:
 
 
 def make_sites(root: Path, n: int, per_class: int = 1) -> list[Path]:
-    from histodiff.data.phantom import write_phantom_site
+    from histodiff.data.phantom_tissue import write_phantom_site
 
     sites = []
     for i in range(n):

@@ -54,7 +54,7 @@ def dm_round(cfg, dataset, site, steps: int, global_weights, autoencoder, scale_
 
 
 def latent_stats(cfg, dataset, autoencoder, site):
-    """The latent-stats round: clipped, noised and accounted under local DP (histodiff.privacy.stats), else exact.
+    """The latent-stats round: clipped, noised and accounted under local DP (histodiff.privacy.dp_latent_stats), else exact.
 
     Returns (LatentStats, privacy metrics to add to the reply; empty without local DP).
     """
@@ -62,7 +62,7 @@ def latent_stats(cfg, dataset, autoencoder, site):
         from client import task
 
         return task.latent_stats(cfg, dataset, autoencoder), {}
-    from histodiff.privacy.stats import dp_latent_stats
+    from histodiff.privacy.dp_latent_stats import dp_latent_stats
 
     return dp_latent_stats(cfg, autoencoder, dataset, site.state, site=site.name, seed=int(cfg.seed))
 

@@ -113,7 +113,7 @@ def build_rdp_accountant(delta: float, population_size: int, max_epsilon: float 
 
 
 class CentralDP:
-    """Central DP for the streaming federation: sites clip their update (``client.privacy.clip_update``),
+    """Central DP for the streaming federation: sites clip their update (``client.site_privacy.clip_update``),
     the server averages, adds Gaussian noise of std ``sigma * C * max_share`` and composes one release.
 
     With equal weights ``max_share = 1/n`` and the noise is Flower's ``compute_stdv(sigma, C, n)``, exactly
