@@ -94,7 +94,7 @@ def sample_fid(run: Path, cfg, real_dir: Path, n: int) -> float:
     from histodiff.diffusion.noise_schedule import build_ddim
     from histodiff.evaluation.fid import fid, inception_features
     from histodiff.diffusion.ddim_sampling import ddim_sample, decode_latents
-    from histodiff.weights import load_inception
+    from histodiff.evaluation.inception import load_inception
 
     ae, unet, info = load_global_model(run / "global_model")
     z = ddim_sample(unet, build_ddim(cfg.dm), n, cfg.dm.ddim_steps, 0.0, torch.Generator().manual_seed(0))

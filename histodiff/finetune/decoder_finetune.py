@@ -85,7 +85,7 @@ def phi_on_reconstructions(autoencoder, phi, phi_img_size: int, dataset: Dataset
 def finetune_decoder(cfg, autoencoder, phi, phi_img_size: int, train_set: Dataset) -> dict[str, float]:
     """Fine-tune ``autoencoder``'s decoder in place for ``cfg.augment.decoder_steps`` steps."""
     from histodiff.local_training.trainer_setup import make_trainer, seed_everything, step_loader
-    from histodiff.weights import build_lpips
+    from histodiff.autoencoder.lpips_vgg import build_lpips
 
     a = cfg.augment
     seed_everything(cfg.seed)

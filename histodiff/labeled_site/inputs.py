@@ -13,7 +13,7 @@ from histodiff.model_files import MODEL_INFO
 from histodiff.data import TileFolder, TileIndex
 from histodiff.evaluation.downstream import carve_validation
 from histodiff.errors import InputError
-from histodiff.weights import sha256_of
+from histodiff.weights.locate import sha256_of
 
 log = logging.getLogger("histodiff.augment")
 

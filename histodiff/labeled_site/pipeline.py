@@ -34,7 +34,8 @@ def _model_fingerprint(model_dir: Path) -> str:
 
 def _check_weights(cfg) -> Any:
     """Resolve the offline weights now, so a missing file stops the run before any training."""
-    from histodiff.weights import load_inception, locate_vgg16
+    from histodiff.evaluation.inception import load_inception
+    from histodiff.weights.locate import locate_vgg16
 
     if cfg.lae.perceptual_weight > 0 and cfg.augment.decoder_steps > 0 and cfg.weights.perceptual != "random":
         locate_vgg16(cfg.weights)

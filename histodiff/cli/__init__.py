@@ -1,0 +1,1 @@
+"""Command-line entry points of histodiff (``python -m histodiff.<name>`` aliases point here)."""
