@@ -31,7 +31,7 @@ def main() -> None:
 
     from histodiff.config import compose
     from histodiff.labeled_site.pipeline import run_augment
-    from histodiff.train import main as train_main
+    from histodiff.cli.train_site import main as train_main
 
     out = Path(args.out)
     unlabeled, labeled, test = out / "data" / "unlabeled", out / "data" / "labeled", out / "data" / "test"

@@ -44,7 +44,7 @@ def test_bad_config_is_one_line(override, words):
 
 
 def test_entry_point_prints_one_line(capsys):
-    from histodiff.train import main
+    from histodiff.cli.train_site import main
 
     assert main(["profile=tiny", "bogus.key=1"]) == 2
     err = capsys.readouterr().err.strip()

@@ -143,7 +143,8 @@ def test_bomb_truncated_and_fake_images_are_skipped_with_reasons(tmp_path):
 
 
 def test_a_folder_of_only_bombs_and_broken_files_is_one_line(tmp_path, capsys, monkeypatch):
-    from histodiff.train import STAGES, load_dataset, main
+    from histodiff.local_training.single_site import STAGES, load_dataset
+    from histodiff.cli.train_site import main
 
     data = tmp_path / "data"
     data.mkdir()
@@ -157,7 +158,8 @@ def test_a_folder_of_only_bombs_and_broken_files_is_one_line(tmp_path, capsys, m
 
 @needs_symlinks
 def test_train_with_a_symlink_loop_says_how_many_were_skipped(tmp_path, capsys, monkeypatch):
-    from histodiff.train import STAGES, load_dataset, main
+    from histodiff.local_training.single_site import STAGES, load_dataset
+    from histodiff.cli.train_site import main
 
     data, run = tmp_path / "data", tmp_path / "run"
     for i in range(3):
@@ -200,7 +202,7 @@ def test_resized_tiles_are_stated_once_per_folder(tmp_path, caplog):
     ("augment.val_fraction=1.5", "augment.val_fraction"),
 ])
 def test_train_refuses_bad_values_in_one_line_before_any_work(tmp_path, capsys, override, key):
-    from histodiff.train import main
+    from histodiff.cli.train_site import main
 
     data, run = tmp_path / "data", tmp_path / "run"
     _tile(data / "t.png")
@@ -464,7 +466,7 @@ def test_help_names_the_real_model_paths(capsys):
 
 def test_histodiff_debug_shows_the_traceback(tmp_path, monkeypatch):
     from histodiff.config import ConfigError
-    from histodiff.train import main
+    from histodiff.cli.train_site import main
 
     monkeypatch.setenv("HISTODIFF_DEBUG", "1")
     with pytest.raises(ConfigError, match="lae.lr"):

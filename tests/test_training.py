@@ -130,7 +130,7 @@ def test_ddim_sampling_is_seeded_and_writes_pngs(tmp_path):
 
 
 def test_cli_trains_resumes_and_samples(phantom_unlabeled, tmp_path, capsys):
-    from histodiff.train import main
+    from histodiff.cli.train_site import main
 
     run = tmp_path / "run"
     common = [*TINY, f"data={phantom_unlabeled}", f"run_dir={run}", "train.ckpt_every=2", "train.log_every=1", "dm.ddim_steps=3",
@@ -151,7 +151,7 @@ def test_cli_trains_resumes_and_samples(phantom_unlabeled, tmp_path, capsys):
 
 
 def test_cli_dm_without_lae_is_a_clear_error(phantom_unlabeled, tmp_path, capsys):
-    from histodiff.train import main
+    from histodiff.cli.train_site import main
 
     assert main(["stage=dm", *TINY, f"data={phantom_unlabeled}", f"run_dir={tmp_path}"]) == 2
     err = capsys.readouterr().err.strip()
@@ -159,7 +159,7 @@ def test_cli_dm_without_lae_is_a_clear_error(phantom_unlabeled, tmp_path, capsys
 
 
 def test_cli_missing_data_is_a_clear_error(tmp_path, capsys):
-    from histodiff.train import main
+    from histodiff.cli.train_site import main
 
     assert main(["stage=lae", *TINY, f"data={tmp_path / 'nope'}", f"run_dir={tmp_path}"]) == 2
     err = capsys.readouterr().err.strip()
