@@ -20,7 +20,7 @@ def baseline(steps: int, data: Path, work: Path, threads: int | None = None) -> 
     import torch
 
     from histodiff.config import compose
-    from histodiff.data.tiles import tile_dataset_from_config
+    from histodiff.data.tile_dataset import tile_dataset_from_config
     from histodiff.local_training.local_steps import train_lae_steps
     from wire.contract import init_phase
 

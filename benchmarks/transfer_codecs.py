@@ -90,7 +90,7 @@ def federation(root: Path, dtype: str, args, secagg: bool = False) -> tuple[list
 @torch.no_grad()
 def sample_fid(run: Path, cfg, real_dir: Path, n: int) -> float:
     from histodiff.model_files import load_global_model
-    from histodiff.data.tiles import tile_dataset_from_config
+    from histodiff.data.tile_dataset import tile_dataset_from_config
     from histodiff.diffusion.noise_schedule import build_ddim
     from histodiff.evaluation.fid import fid, inception_features
     from histodiff.diffusion.ddim_sampling import ddim_sample, decode_latents

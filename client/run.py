@@ -90,7 +90,7 @@ def check_args(args) -> str | None:
 
 def check_data(args, work: Path) -> int:
     from histodiff.config import compose
-    from histodiff.data.tiles import tile_dataset_from_config
+    from histodiff.data.tile_dataset import tile_dataset_from_config
 
     cfg = compose([f"profile={args.profile}", *shlex.split(args.overrides), f"data={args.data}", f"work_dir={work}"])
     return len(tile_dataset_from_config(cfg, train=False))

@@ -115,7 +115,7 @@ def ensure_phantom(cfg, site: Site, per_class: int, seed: int) -> None:
 
 
 def load_dataset(cfg, train: bool = True):
-    from histodiff.data.tiles import tile_dataset_from_config
+    from histodiff.data.tile_dataset import tile_dataset_from_config
 
     return tile_dataset_from_config(cfg, train=train)
 

@@ -38,9 +38,9 @@ def phantom_unlabeled(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def phantom_tiles(phantom_unlabeled: Path, tmp_path_factory: pytest.TempPathFactory):
     """``phantom_unlabeled`` as a training TileFolder (flips/rotations on)."""
-    from histodiff.data import TileFolder
+    from histodiff.data import TileFolder, TileOptions
 
-    return TileFolder(phantom_unlabeled, image_size=32, work_dir=tmp_path_factory.mktemp("work"), train=True)
+    return TileFolder.open(phantom_unlabeled, TileOptions(32, augment=True), work_dir=tmp_path_factory.mktemp("work"))
 
 
 @pytest.fixture(autouse=True)

@@ -62,15 +62,15 @@ def test_colour_jitter_is_modest_and_in_range():
 
 def test_training_picks_the_best_validation_epoch(phantom_labeled):
     from histodiff.config import compose
-    from histodiff.data import TileFolder
+    from histodiff.data import TileFolder, TileOptions
     from histodiff.evaluation.downstream import predict, train_classifier
 
     cfg = compose(["profile=tiny", "tiles.image_size=32", "downstream.img_size=32", "downstream.epochs=2",
                    "train.progress=false"])
-    data = TileFolder(phantom_labeled, 32, labeled=True)
+    data = TileFolder.open(phantom_labeled, TileOptions(32), labeled=True)
     train_idx, val_idx = carve_validation(data.labels, 0.34, 1, 0)
-    train = TileFolder(None, 32, index=data.index, subset=train_idx, augment=True)
-    val = TileFolder(None, 32, index=data.index, subset=val_idx)
+    train = TileFolder(data.index, TileOptions(32, augment=True), subset=train_idx)
+    val = TileFolder(data.index, TileOptions(32), subset=val_idx)
     trained = train_classifier(cfg.downstream, cfg.train, train, val, 9, seed=0, batch_size=8)
     assert len(trained.history) == 2
     assert trained.best_val_accuracy == max(h["val_accuracy"] for h in trained.history)

@@ -82,7 +82,7 @@ def test_below_min_sites_stops_cleanly_then_resumes(tmp_path):
 
 def test_one_site_federated_equals_single_site_training(tmp_path):
     from histodiff.data.phantom_tissue import write_phantom_site
-    from histodiff.data.tiles import tile_dataset_from_config
+    from histodiff.data.tile_dataset import tile_dataset_from_config
     from histodiff.local_training.local_steps import train_lae_steps
 
     write_phantom_site(tmp_path / "root" / "site0", per_class=1, size=32, site=0, seed=0, labeled=False)

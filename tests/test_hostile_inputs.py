@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from histodiff.data import tiles as tiles_mod
-from histodiff.data.tiles import TileFolder, scan_tiles
+from histodiff.data import tile_index as tiles_mod
+from histodiff.data.tile_dataset import TileFolder, TileOptions
+from histodiff.data.tile_index import scan_tiles
 
 needs_symlinks = pytest.mark.skipif(not hasattr(os, "symlink"), reason="no symlinks on this platform")
 
@@ -180,9 +181,9 @@ def test_resized_tiles_are_stated_once_per_folder(tmp_path, caplog):
         _tile(right / f"t{i}.png", 64, seed=i)
     _tile(big / "odd.png", 300, seed=9)
     with caplog.at_level(logging.INFO, logger="histodiff.data"):
-        TileFolder(big, 64)
-        TileFolder(big, 64, train=True)  # the same folder again: not repeated
-        TileFolder(right, 64)  # already at the profile's size: nothing to say
+        TileFolder.open(big, TileOptions(64))
+        TileFolder.open(big, TileOptions(64, augment=True))  # the same folder again: not repeated
+        TileFolder.open(right, TileOptions(64))  # already at the profile's size: nothing to say
     lines = [r.getMessage() for r in caplog.records if "resized" in r.getMessage()]
     assert len(lines) == 1, lines
     assert str(big.resolve()) in lines[0] and "4 of 4 tiles" in lines[0]

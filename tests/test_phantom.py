@@ -12,7 +12,7 @@ from PIL import Image
 
 from histodiff.data.phantom_tissue import CLASSES, generate_tile, write_phantom_site
 from histodiff.data.stain import render, site_style
-from histodiff.data.tiles import scan_tiles
+from histodiff.data.tile_index import scan_tiles
 from histodiff.cli.make_phantom import main
 
 

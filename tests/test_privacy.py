@@ -160,14 +160,14 @@ def test_privacy_report_from_run_dir(tmp_path):
 
 def test_dp_latent_statistics_are_accounted_and_close_to_exact_with_little_noise(tmp_path, phantom_labeled):
     from histodiff.config import compose
-    from histodiff.data import TileFolder
+    from histodiff.data import TileFolder, TileOptions
     from histodiff.autoencoder.kl_autoencoder import build_autoencoder
     from histodiff.privacy.dp_latent_stats import dp_latent_stats
     from histodiff.diffusion.latent_stats import compute_latent_stats
 
     cfg = compose(["profile=tiny", "tiles.image_size=32", "tiles.batch_size=9", "privacy.dp=true",
                    "privacy.noise_multiplier=1e-4", "privacy.target_epsilon=1e12"])
-    tiles = TileFolder(phantom_labeled, image_size=32, work_dir=tmp_path / "work", train=False)
+    tiles = TileFolder.open(phantom_labeled, TileOptions(32), work_dir=tmp_path / "work")
     ae = build_autoencoder(cfg.lae)
     exact = compute_latent_stats(ae, tiles, batch_size=9, seed=0)
     noisy, metrics = dp_latent_stats(cfg, ae, tiles, tmp_path, site="site0", seed=0)

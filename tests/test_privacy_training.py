@@ -23,12 +23,12 @@ TINY = ["profile=tiny", "weights.perceptual=random", "tiles.image_size=32", "til
 RESTART = """
 import json, sys
 from histodiff.config import compose
-from histodiff.data import TileFolder
+from histodiff.data import TileFolder, TileOptions
 from histodiff.autoencoder.kl_autoencoder import build_autoencoder
 from histodiff.privacy.dp_train import dp_train_dm_steps
 overrides, data, work, state = json.loads(sys.argv[1])
 cfg = compose(overrides)
-r = dp_train_dm_steps(cfg, TileFolder(data, image_size=32, work_dir=work, train=True), state, 2,
+r = dp_train_dm_steps(cfg, TileFolder.open(data, TileOptions(32, augment=True), work_dir=work), state, 2,
                       build_autoencoder(cfg.lae).eval(), 1.0, site="site0")
 print(json.dumps({"epsilon": r.metrics["dp-epsilon"], "step": r.step}))
 """

@@ -12,8 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from histodiff.data import tiles as tiles_mod
-from histodiff.data.tiles import TileFolder, scan_tiles, tile_dataset_from_config, to_uint8_image
+from histodiff.data import tile_index as tiles_mod
+from histodiff.data.tile_dataset import TileFolder, TileOptions, tile_dataset_from_config
+from histodiff.data.tile_index import scan_tiles
+from histodiff.data.images import to_uint8_image
 from histodiff.errors import InputError
 
 
@@ -110,7 +112,7 @@ def test_unusable_folders_are_refused(tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(InputError) as exc:
-        TileFolder(empty, 32)
+        TileFolder.open(empty, TileOptions(32))
     _one_line_naming(exc, empty)
     broken = tmp_path / "broken"
     broken.mkdir()
@@ -132,7 +134,7 @@ def test_colour_modes_become_rgb(tmp_path: Path) -> None:
     Image.fromarray(np.full((16, 16), 65535, np.uint16)).save(tmp_path / "white16.png")
     Image.new("RGB", (16, 16), (10, 20, 30)).convert("P", palette=Image.Palette.ADAPTIVE).save(tmp_path / "palette.png")
     _png(tmp_path / "cmyk.tif", colour=(255, 0, 0, 0), mode="CMYK")  # pure cyan ink
-    ds = TileFolder(tmp_path, 16)
+    ds = TileFolder.open(tmp_path, TileOptions(16))
     got = {rel: _pixels(ds, i) for i, (rel, _) in enumerate(ds.index.entries)}
     assert set(got) == {"rgba.png", "grey.png", "la.png", "deep.png", "white16.png", "palette.png", "cmyk.tif"}
     assert (got["rgba.png"][2, 8] == (200, 40, 90)).all() and (got["rgba.png"][13, 8] == 255).all()
@@ -146,7 +148,7 @@ def test_tiny_images_upscaled_degenerate_ones_skipped(tmp_path: Path) -> None:
     _png(tmp_path / "small.png", (12, 10), (10, 200, 30))
     _png(tmp_path / "dot.png", (5, 5))
     _png(tmp_path / "line.png", (200, 1))
-    ds = TileFolder(tmp_path, 64)
+    ds = TileFolder.open(tmp_path, TileOptions(64))
     assert [rel for rel, _ in ds.index.entries] == ["small.png"]
     assert {rel for rel, _ in ds.index.skipped} == {"dot.png", "line.png"}
     assert all("too small" in reason for _, reason in ds.index.skipped)
@@ -196,8 +198,8 @@ def test_index_cache_reused_then_rebuilt_when_folder_changes(tmp_path: Path, mon
     assert (work / "tile_index.json").is_file()
 
     opened: list[Path] = []
-    real_inspect = tiles_mod._inspect
-    monkeypatch.setattr(tiles_mod, "_inspect", lambda path, limit: opened.append(path) or real_inspect(path, limit))
+    real_inspect = tiles_mod.inspect_image
+    monkeypatch.setattr(tiles_mod, "inspect_image", lambda path, limit: opened.append(path) or real_inspect(path, limit))
     again = scan_tiles(data, work_dir=work)
     assert opened == [] and again.entries == first.entries and again.sizes == [(16, 16), (16, 16)]
 
@@ -216,13 +218,13 @@ def test_dataset_tensors_labels_and_centre_crop(tmp_path: Path) -> None:
     (tmp_path / "B").mkdir()
     Image.fromarray(wide).save(tmp_path / "B" / "wide.png")
     _png(tmp_path / "A" / "a.jpg", (50, 50))
-    ds = TileFolder(tmp_path, 20)
+    ds = TileFolder.open(tmp_path, TileOptions(20))
     assert len(ds) == 2 and ds.classes == ["A", "B"]
     x, label = ds[1]
     assert x.shape == (3, 20, 20) and x.dtype == torch.float32 and label == 1
     assert float(x.min()) >= -1.0 and float(x.max()) <= 1.0
     assert (to_uint8_image(x) == (255, 0, 0)).all()  # only the central red square survives the crop
-    train = TileFolder(tmp_path, 24, train=True, index=ds.index, subset=[0])
+    train = TileFolder(ds.index, TileOptions(24, augment=True), subset=[0])
     assert len(train) == 1 and train[0][0].shape == (3, 24, 24)
 
 
@@ -230,16 +232,17 @@ def test_training_augmentation_rotates_and_flips(tmp_path: Path) -> None:
     arr = np.zeros((16, 16, 3), np.uint8)
     arr[:4, :4] = 255  # a marked corner shows the orientation
     Image.fromarray(arr).save(tmp_path / "t.png")
-    ds = TileFolder(tmp_path, 16, train=True)
+    ds = TileFolder.open(tmp_path, TileOptions(16, augment=True))
     torch.manual_seed(0)
     corners = {tuple(np.argwhere(to_uint8_image(ds[0][0])[..., 0] > 128).min(0)) for _ in range(40)}
     assert len(corners) == 4  # the mark visits all four corners
-    assert TileFolder(tmp_path, 16, train=True, augment=False)[0][0].equal(TileFolder(tmp_path, 16)[0][0])
+    plain = TileFolder.open(tmp_path, TileOptions(16))  # augment off: the tile as it is, every time
+    assert {tuple(np.argwhere(to_uint8_image(plain[0][0])[..., 0] > 128).min(0)) for _ in range(10)} == {(0, 0)}
 
 
 def test_tile_changed_after_indexing_raises_input_error(tmp_path: Path) -> None:
     tile = _png(tmp_path / "a.png")
-    ds = TileFolder(tmp_path, 16)
+    ds = TileFolder.open(tmp_path, TileOptions(16))
     tile.write_bytes(b"no longer an image")
     with pytest.raises(InputError) as exc:
         ds[0]
@@ -267,7 +270,7 @@ def test_dataset_from_config(tmp_path: Path, phantom_labeled: Path) -> None:
 
 
 def test_real_sample_tiles(shared_data: Path, tmp_path: Path) -> None:
-    ds = TileFolder(shared_data / "crc-val-he-32", 64, work_dir=tmp_path)
+    ds = TileFolder.open(shared_data / "crc-val-he-32", TileOptions(64), work_dir=tmp_path)
     assert len(ds) == 32 and ds.classes == ["ADI", "DEB", "LYM", "MUC", "MUS", "NORM", "STR", "TUM"]
     x, label = ds[0]
     assert x.shape == (3, 64, 64) and label == 0

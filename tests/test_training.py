@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from histodiff.config import compose
-from histodiff.data import TileFolder
+from histodiff.data import TileFolder, TileOptions
 from histodiff.diffusion.latent_stats import LatentStats, compute_latent_stats
 from histodiff.local_training.local_steps import train_dm_steps, train_lae_steps
 from histodiff.diffusion.latent_stats import latent_moments
@@ -175,7 +175,7 @@ def test_real_unlabeled_tiles_train_and_reconstruct(tmp_path):
     from histodiff.local_training.local_steps import load_lae_state
 
     cfg = compose([*TINY, "tiles.image_size=64", "lae.disc_start=100000"])
-    real = TileFolder(SHARED, image_size=64, work_dir=tmp_path / "work", train=True, labeled=False)
+    real = TileFolder.open(SHARED, TileOptions(64, augment=True), work_dir=tmp_path / "work", labeled=False)
     assert len(real) > 100 and real.index.classes == []
     first = train_lae_steps(cfg, real, tmp_path / "lae", 5).metrics["rec"]
     last = train_lae_steps(cfg, real, tmp_path / "lae", 25).metrics["rec"]

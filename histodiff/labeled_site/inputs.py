@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from histodiff.model_files import MODEL_INFO
-from histodiff.data import TileFolder, TileIndex
+from histodiff.data import TileFolder, TileOptions, TileIndex
 from histodiff.evaluation.downstream import carve_validation
 from histodiff.errors import InputError
 from histodiff.weights.locate import sha256_of
@@ -123,12 +123,11 @@ def check_held_out(labeled: TileFolder, testset: TileFolder, data: Path, test: P
 def load_inputs(cfg, data: Path, test: Path, model_dir: Path, work_dir: Path) -> LabeledInputs:
     info = check_model_dir(model_dir, cfg)
     size, pixels = cfg.tiles.image_size, cfg.tiles.max_image_pixels
-    labeled = TileFolder(data, size, work_dir=work_dir, labeled=True, max_image_pixels=pixels, augment=False)
+    labeled = TileFolder.open(data, TileOptions(size, max_image_pixels=pixels), work_dir=work_dir, labeled=True)
     if len(labeled.classes) < 2:
         raise InputError(f"labeled folder {data} has {len(labeled.classes)} class(es) "
                          f"({', '.join(labeled.classes) or 'none'}); at least 2 class sub-folders are needed")
-    testset = TileFolder(test, size, work_dir=work_dir, labeled=True, max_image_pixels=pixels, augment=False,
-                         report_name=TEST_REPORT)
+    testset = TileFolder.open(test, TileOptions(size, max_image_pixels=pixels), work_dir=work_dir, labeled=True, report_name=TEST_REPORT)
     if testset.classes != labeled.classes:
         only_train = sorted(set(labeled.classes) - set(testset.classes))
         only_test = sorted(set(testset.classes) - set(labeled.classes))

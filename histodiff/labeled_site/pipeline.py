@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch.utils.data import ConcatDataset
 
-from histodiff.data import TileFolder, TileIndex
+from histodiff.data import TileFolder, TileOptions, TileIndex
 from histodiff.labeled_site.inputs import LabeledInputs, load_inputs
 from histodiff.labeled_site.stage_markers import Stages, digest, files_fingerprint
 from histodiff.local_training.trainer_setup import on_gpu
@@ -21,7 +21,7 @@ log = logging.getLogger("histodiff.augment")
 
 
 def _tiles(inp: LabeledInputs, size: int, positions: list[int], augment: bool) -> TileFolder:
-    return TileFolder(None, size, index=inp.labeled.index, subset=positions, augment=augment)
+    return TileFolder(inp.labeled.index, TileOptions(size, augment=augment), subset=positions)
 
 
 def _fingerprint(folder: TileFolder) -> str:
@@ -175,7 +175,7 @@ class Pipeline:
         if rec is None or (save_to is not None and not (save_to / "model.safetensors").is_file()):
             parts = [self.train_aug]
             if synthetic:
-                parts.append(TileFolder(None, self.size, index=cand.index, subset=synthetic, augment=True))
+                parts.append(TileFolder(cand.index, TileOptions(self.size, augment=True), subset=synthetic))
             log.info("stage %s: training %s on %d real + %d synthetic tiles", name, cfg.downstream.model,
                      len(self.train_aug), len(synthetic))
             trained = train_site_classifier(cfg, cfg.downstream, ConcatDataset(parts), self.val, self.K, seed,
@@ -238,7 +238,7 @@ class Pipeline:
         records = self.candidates(unet, scheduler, latent_clf, autoencoder, scale)
         cand_index = TileIndex(root=(out / "synthetic").resolve(), entries=[(r["path"], r["label"]) for r in records],
                                classes=self.classes, skipped=[])
-        cand = TileFolder(None, self.size, index=cand_index, augment=False)
+        cand = TileFolder(cand_index, TileOptions(self.size))
         scores = self.score(baseline, meta["img_size"], cand, records)
         selections = make_selections(cfg, scores, self.train_counts, self.classes)
         write_manifest(out / "synthetic" / "manifest.csv", records, scores, selections, self.classes, cfg)
