@@ -89,3 +89,17 @@ def class_grid(real: torch.Tensor, synthetic: torch.Tensor, n: int, path: Path) 
         return torch.cat([x, blank.expand(n - len(x), -1, -1, -1)]) if len(x) < n else x
 
     return save_grid(torch.cat([row(real), row(synthetic)]), path, nrow=n)
+
+
+def class_grids(labeled, cand, selections, classes: list[str], n: int, size: int, out: Path) -> None:
+    """``out/<class>.png`` per class: real tiles on top, the largest selection's synthetic tiles below (or any
+    candidates of the class when no selection kept one)."""
+    shown = max(selections, key=lambda s: len(s.indices)).indices if selections else []
+    entries = labeled.index.entries
+    for c, name in enumerate(classes):
+        real = [labeled[i][0] for i in [i for i, e in enumerate(entries) if e[1] == c][:n]]
+        picks = [i for i in shown if cand.index.entries[i][1] == c] or \
+                [i for i in range(len(cand)) if cand.index.entries[i][1] == c]
+        syn = [cand[i][0] for i in picks[:n]]
+        empty = torch.empty(0, 3, size, size)
+        class_grid(torch.stack(real) if real else empty, torch.stack(syn) if syn else empty, n, out / f"{name}.png")
