@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import lightning as L
 import torch
+from torchmetrics.aggregation import MeanMetric
 
 from histodiff.autoencoder.lae_loss import build_lae_loss
 from histodiff.autoencoder.kl_autoencoder import build_autoencoder
@@ -22,8 +21,7 @@ class LAEModule(L.LightningModule):
         self.loss = build_lae_loss(cfg)  # holds the frozen LPIPS net and the discriminator
         self.step = 0  # global LAE step across calls, restarts and federated rounds
         self.optimizer_state: list | None = None
-        self.sums: dict[str, float] = defaultdict(float)
-        self.count = 0
+        self.round_means: dict[str, MeanMetric] = {}  # this call's (round's) mean of every logged loss term
 
     @property
     def discriminator(self) -> torch.nn.Module:
@@ -78,15 +76,17 @@ class LAEModule(L.LightningModule):
     def record(self, logs: dict) -> None:
         logs = {k: float(v) for k, v in logs.items()}
         for k, v in logs.items():
-            self.sums[k] += v
-        self.count += 1
-        self.log_dict({"rec": logs.get("rec", 0.0), "step": float(self.step)}, prog_bar=True, logger=False)
-        if self.step % self.cfg.train.log_every == 0 and self.trainer is not None:
-            for logger in self.loggers:
-                logger.log_metrics({f"lae/{k}": v for k, v in logs.items()}, step=self.step)
+            self.round_means.setdefault(k, MeanMetric()).update(v)
+        # "step" sets the loggers' x axis to the global LAE step (across restarts and rounds)
+        self.log("rec", logs.get("rec", 0.0), prog_bar=True, logger=False)
+        to_loggers = bool(self.loggers)  # federated rounds run without loggers
+        self.log("step", float(self.step), prog_bar=True, on_step=True, on_epoch=False, logger=to_loggers)
+        if to_loggers:
+            self.log_dict({f"lae/{k}": v for k, v in logs.items()}, on_step=True, on_epoch=False)
 
     def mean_metrics(self) -> dict[str, float]:
-        return {k: v / max(1, self.count) for k, v in self.sums.items()}
+        """The mean of each loss term over this call's steps (what a federated round reports)."""
+        return {k: float(m.compute()) for k, m in self.round_means.items()}
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:

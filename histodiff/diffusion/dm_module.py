@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import lightning as L
 import torch
 import torch.nn.functional as F
 from diffusers.training_utils import EMAModel
+from torchmetrics.aggregation import MeanMetric
 
 from histodiff.diffusion.noise_schedule import build_noise_scheduler
 from histodiff.diffusion.unet import build_unet
@@ -55,8 +54,7 @@ class DMModule(L.LightningModule):
         self.noise_scheduler = build_noise_scheduler(cfg.dm)
         self.step = 0
         self.optimizer_state: dict | None = None
-        self.sums: dict[str, float] = defaultdict(float)
-        self.count = 0
+        self.round_means = {"loss": MeanMetric(), "lr": MeanMetric()}  # this call's (round's) means
 
     @property
     def autoencoder(self):
@@ -90,11 +88,12 @@ class DMModule(L.LightningModule):
         self.step += 1
         logs = {"loss": float(outputs["loss"]), "lr": self.optimizers().param_groups[0]["lr"]}
         for k, v in logs.items():
-            self.sums[k] += v
-        self.count += 1
-        if self.step % self.cfg.train.log_every == 0:
-            for logger in self.loggers:
-                logger.log_metrics({f"dm/{k}": v for k, v in logs.items()}, step=self.step)
+            self.round_means[k].update(v)
+        # "step" sets the loggers' x axis to the global DM step (across restarts and rounds)
+        if self.loggers:  # federated rounds run without loggers
+            self.log_dict({**{f"dm/{k}": v for k, v in logs.items()}, "step": float(self.step)}, on_step=True,
+                          on_epoch=False)
 
     def mean_metrics(self) -> dict[str, float]:
-        return {k: v / max(1, self.count) for k, v in self.sums.items()}
+        """Mean loss and learning rate over this call's steps (what a federated round reports)."""
+        return {k: float(m.compute()) for k, m in self.round_means.items() if m.update_count}

@@ -82,7 +82,7 @@ def make_trainer(train_cfg, steps: int, loggers: list | bool = False, callbacks:
         enable_progress_bar=show,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        log_every_n_steps=1,  # our modules log to the loggers themselves, at their global step
+        log_every_n_steps=max(1, int(getattr(train_cfg, "log_every", 1))),  # modules self.log at their global step
         use_distributed_sampler=True,
     )
 
