@@ -1,7 +1,11 @@
 """Procedural H&E-like phantom tiles of the nine CRC tissue classes, rendered in a site's stain style.
 
 Numpy and PIL only. Geometry is in reference pixels (0.5 um, a 224 px tile), so any tile size shows
-the same field of view; classes share textures and borrow from their neighbours on purpose.
+the same field of view; classes share textures and borrow from their neighbours on purpose. The canvas and
+its drawing primitives are ``phantom_painter``.
+
+Length: about 350 lines, the nine class recipes and the ingredients they share, kept together so that a
+class's look reads beside the structures it borrows from its neighbours.
 """
 
 from __future__ import annotations
@@ -10,206 +14,25 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
+from histodiff.data.phantom_painter import Painter
 from histodiff.data.stain import StainStyle, render, site_style
 
 CLASSES = ("ADI", "BACK", "DEB", "LYM", "MUC", "MUS", "NORM", "STR", "TUM")
-REFERENCE_SIZE = 224  # reference pixels across a tile at zoom 1
-
-
-def gaussian_blur(a: np.ndarray, sigma: float) -> np.ndarray:
-    """Separable Gaussian blur of the first two axes with mirrored edges (numpy only, no BLAS threads)."""
-    if sigma < 0.25:
-        return a
-    radius = min(max(1, int(3 * sigma + 0.5)), min(a.shape[:2]) - 1)
-    offsets = np.arange(-radius, radius + 1)
-    kernel = np.exp(-0.5 * (offsets / sigma) ** 2).astype(np.float32)
-    kernel /= kernel.sum()
-    pad = [(radius, radius), (radius, radius)] + [(0, 0)] * (a.ndim - 2)
-    padded = np.pad(a.astype(np.float32, copy=False), pad, mode="symmetric")
-    h, w = a.shape[:2]
-    rows = np.zeros((h, w + 2 * radius) + a.shape[2:], np.float32)
-    for i, k in enumerate(kernel):
-        rows += k * padded[i:i + h]
-    out = np.zeros(a.shape, np.float32)
-    for i, k in enumerate(kernel):
-        out += k * rows[:, i:i + w]
-    return out
-
-
-class _Painter:
-    """Stain concentration maps of one tile and the drawing primitives the class recipes share."""
-
-    def __init__(self, size: int, rng: np.random.Generator, zoom: float) -> None:
-        self.n = size
-        self.rng = rng
-        self.u = size / REFERENCE_SIZE * zoom  # pixels per reference pixel
-        self.fov = size / self.u  # field of view in reference pixels
-        self.area = (self.fov / REFERENCE_SIZE) ** 2  # object counts scale with this
-        self.h = np.zeros((size, size), np.float32)
-        self.e = np.zeros((size, size), np.float32)
-        self.blood = np.zeros((size, size), np.float32)
-        self.neutral = np.zeros((size, size), np.float32)
-        yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-        self.x, self.y = xx, yy
-        self.grain = self.normalise(self.blur(rng.random((size, size), dtype=np.float32), 0.6 * max(self.u, 0.5)))
-
-    # -- fields
-    def blur(self, a: np.ndarray, sigma_px: float) -> np.ndarray:
-        return gaussian_blur(a, sigma_px)
-
-    @staticmethod
-    def normalise(a: np.ndarray) -> np.ndarray:
-        lo, hi = float(a.min()), float(a.max())
-        return (a - lo) / max(hi - lo, 1e-6)
-
-    def noise(self, feature_ref: float) -> np.ndarray:
-        """Smooth value noise in [0, 1] whose blobs are about ``feature_ref`` reference pixels wide."""
-        cells = max(1, int(round(self.fov / feature_ref)))
-        grid = self.rng.random((cells + 3, cells + 3), dtype=np.float32)
-        off = self.rng.random(2) * 0.999
-        box = (1 + off[0], 1 + off[1], 1 + off[0] + cells, 1 + off[1] + cells)
-        up = Image.fromarray(grid).resize((self.n, self.n), Image.Resampling.BICUBIC, box=box)
-        return np.clip(np.asarray(up, dtype=np.float32), 0.0, 1.0)
-
-    def fractal(self, feature_ref: float, octaves: int = 3) -> np.ndarray:
-        total, weight, amp = np.zeros((self.n, self.n), np.float32), 0.0, 1.0
-        for k in range(octaves):
-            total += amp * self.noise(max(feature_ref / 2**k, 2.0))
-            weight += amp
-            amp *= 0.5
-        return total / weight
-
-    def streaks(self, theta: float, across_ref: float, along_ref: float, wave_ref: float = 0.0,
-                bend_ref: float = 80.0) -> np.ndarray:
-        """Anisotropic noise in [0, 1] drawn out along ``theta``: fibres, fibrils, mucus strands.
-
-        Blobs are ``across_ref`` wide and ``along_ref`` long; ``wave_ref`` bends them sideways by up to
-        that many reference pixels over a length of about ``bend_ref``.
-        """
-        span = self.fov * 1.5  # covers the tile at any rotation, plus the bending
-        cells_a = max(2, int(span / across_ref))
-        cells_l = max(2, int(span / along_ref))
-        grid = self.rng.random((cells_a + 3, cells_l + 3), dtype=np.float32)
-        res_a, res_l = min(4 * cells_a + 1, 1024), min(4 * cells_l + 1, 1024)
-        field = np.asarray(Image.fromarray(grid).resize((res_l, res_a), Image.Resampling.BICUBIC,
-                                                        box=(1, 1, 1 + cells_l, 1 + cells_a)), dtype=np.float32)
-        xr, yr = (self.x - self.n / 2) / self.u, (self.y - self.n / 2) / self.u
-        along = xr * np.cos(theta) + yr * np.sin(theta)
-        across = -xr * np.sin(theta) + yr * np.cos(theta)
-        if wave_ref > 0:
-            across = across + (self.noise(bend_ref) - 0.5) * 2 * wave_ref
-        ia = np.clip((across / span + 0.5) * (res_a - 1), 0, res_a - 1.001)
-        il = np.clip((along / span + 0.5) * (res_l - 1), 0, res_l - 1.001)
-        a0, l0 = ia.astype(np.int64), il.astype(np.int64)
-        fa, fl = ia - a0, il - l0
-        top = field[a0, l0] * (1 - fl) + field[a0, l0 + 1] * fl
-        bottom = field[a0 + 1, l0] * (1 - fl) + field[a0 + 1, l0 + 1] * fl
-        return np.clip(top * (1 - fa) + bottom * fa, 0.0, 1.0)
-
-    # -- positions
-    def uniform_points(self, count: float, margin_ref: float = 10.0) -> np.ndarray:
-        k = int(self.rng.poisson(max(count, 0.0)))
-        m = margin_ref * self.u
-        return self.rng.uniform(-m, self.n + m, size=(k, 2)).astype(np.float32)
-
-    def grid_points(self, spacing_ref: float, jitter: float, keep: float) -> np.ndarray:
-        """A jittered lattice: the packing of crowded cells (lymphocytes, tumour)."""
-        step = spacing_ref * self.u
-        ticks = np.arange(-step, self.n + step, step, dtype=np.float32)
-        gx, gy = np.meshgrid(ticks, ticks)
-        pts = np.stack([gx.ravel(), gy.ravel()], 1)
-        pts += self.rng.uniform(-0.5, 0.5, pts.shape).astype(np.float32) * jitter * step
-        pts += self.rng.uniform(0, step, 2).astype(np.float32)
-        return pts[self.rng.random(len(pts)) < keep]
-
-    def masked(self, pts: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        """Keep the points that fall where ``mask`` (in [0, 1]) says, as a probability."""
-        if len(pts) == 0:
-            return pts
-        ij = np.clip(pts.astype(np.int64), 0, self.n - 1)
-        return pts[self.rng.random(len(pts)) < mask[ij[:, 1], ij[:, 0]]]
-
-    # -- shapes
-    def shapes(self, pts: np.ndarray, a_ref, b_ref, theta, values, irregular: float = 0.0,
-               canvas: np.ndarray | None = None, vertices: int = 12) -> np.ndarray:
-        """Filled (irregular) ellipses at ``pts``; semi-axes in reference pixels, one value each."""
-        k = len(pts)
-        img = Image.fromarray(canvas if canvas is not None else np.zeros((self.n, self.n), np.float32))
-        if k == 0:
-            return np.asarray(img, dtype=np.float32).copy()
-        a = np.broadcast_to(np.asarray(a_ref, np.float32), (k,)) * self.u
-        b = np.broadcast_to(np.asarray(b_ref, np.float32), (k,)) * self.u
-        th = np.broadcast_to(np.asarray(theta, np.float32), (k,))
-        val = np.broadcast_to(np.asarray(values, np.float32), (k,))
-        phi = np.linspace(0, 2 * np.pi, vertices, endpoint=False, dtype=np.float32)
-        r = np.ones((k, vertices), np.float32)
-        if irregular > 0:
-            # low harmonics give lumpy, pleomorphic outlines rather than jagged ones
-            for harmonic in (2, 3, 4):
-                amp = self.rng.normal(0, irregular / harmonic, (k, 1)).astype(np.float32)
-                ph = self.rng.uniform(0, 2 * np.pi, (k, 1)).astype(np.float32)
-                r = r + amp * np.cos(harmonic * phi + ph)
-            r = np.clip(r, 0.35, 1.8)
-        ex, ey = a[:, None] * r * np.cos(phi), b[:, None] * r * np.sin(phi)
-        c, s = np.cos(th)[:, None], np.sin(th)[:, None]
-        px = pts[:, :1] + ex * c - ey * s
-        py = pts[:, 1:] + ex * s + ey * c
-        draw = ImageDraw.Draw(img)
-        for i in range(k):
-            draw.polygon(list(zip(px[i].tolist(), py[i].tolist())), fill=float(val[i]))
-        return np.asarray(img, dtype=np.float32).copy()
-
-    def nuclei(self, pts: np.ndarray, a_ref, b_ref, theta, darkness, irregular: float = 0.1,
-               vesicular: float = 0.0) -> np.ndarray:
-        """Haematoxylin of nuclei: soft edges and chromatin grain; vesicular ones have pale centres."""
-        m = self.shapes(pts, a_ref, b_ref, theta, darkness, irregular)
-        if vesicular > 0 and len(pts):
-            k = len(pts)
-            a = np.broadcast_to(np.asarray(a_ref, np.float32), (k,)) * 0.55
-            b = np.broadcast_to(np.asarray(b_ref, np.float32), (k,)) * 0.55
-            hollow = self.shapes(pts, a, b, theta, 1.0, irregular)
-            m = m * (1 - vesicular * hollow)
-            nucleoli = self.shapes(pts + self.rng.normal(0, 1.0, pts.shape).astype(np.float32) * self.u,
-                                   2.2, 2.2, 0.0, np.broadcast_to(np.asarray(darkness, np.float32), (k,)) * 0.9)
-            m = np.maximum(m, nucleoli * (self.rng.random() < 0.7))
-        m = self.blur(m, 0.45 * max(self.u, 0.6))
-        return m * (0.65 + 0.7 * self.grain)
-
-    def voronoi_edges(self, spacing_ref: float, width_ref: float, warp: float = 0.15) -> np.ndarray:
-        """Walls between polygonal cells (fat cells): 1 on a wall, falling to 0 inside."""
-        pts = self.grid_points(spacing_ref, 0.9, 1.0)
-        amp = warp * spacing_ref * self.u
-        x = self.x + (self.noise(spacing_ref) - 0.5) * 2 * amp
-        y = self.y + (self.noise(spacing_ref) - 0.5) * 2 * amp
-        d1 = np.full((self.n, self.n), np.inf, np.float32)
-        d2 = d1.copy()
-        for px, py in pts:
-            d = np.sqrt((x - px) ** 2 + (y - py) ** 2)
-            d2 = np.minimum(d2, np.maximum(d1, d))
-            d1 = np.minimum(d1, d)
-        gap = (d2 - d1) / (2 * max(width_ref * self.u, 0.35))
-        return np.exp(-gap**2)
-
-    def region(self, feature_ref: float, fraction: float) -> np.ndarray:
-        """A soft random region covering about ``fraction`` of the tile."""
-        nz = self.noise(feature_ref)
-        cut = float(np.quantile(nz, 1 - fraction))
-        return np.clip((nz - cut) / 0.08 + 0.5, 0.0, 1.0)
 
 
 # ---------------------------------------------------------------------------- shared ingredients
 
 
-def _lymphocytes(p: _Painter, pts: np.ndarray) -> None:
+def _lymphocytes(p: Painter, pts: np.ndarray) -> None:
     k = len(pts)
     r = p.rng.uniform(5.0, 7.0, k)
     p.h = np.maximum(p.h, p.nuclei(pts, r, r * p.rng.uniform(0.85, 1.0, k), p.rng.uniform(0, np.pi, k),
                                    p.rng.uniform(0.8, 1.15, k), irregular=0.08))
 
 
-def _stroma(p: _Painter, theta: float, width: float, wave: float, strength: float, loose: float) -> np.ndarray:
+def _stroma(p: Painter, theta: float, width: float, wave: float, strength: float, loose: float) -> np.ndarray:
     """Collagen: bundles of eosin fibres ``width`` wide, bent by ``wave``; ``loose`` opens gaps between them."""
     fine = p.streaks(theta, width, width * p.rng.uniform(6, 14), wave, 70)
     coarse = p.streaks(theta + p.rng.normal(0, 0.2), width * 3, width * 20, wave, 70)
@@ -217,7 +40,7 @@ def _stroma(p: _Painter, theta: float, width: float, wave: float, strength: floa
     return strength * (0.15 + 0.85 * f**1.3) * (0.7 + 0.6 * p.fractal(40))
 
 
-def _spindles(p: _Painter, count: float, theta: float, spread: float, length: tuple[float, float],
+def _spindles(p: Painter, count: float, theta: float, spread: float, length: tuple[float, float],
               mask: np.ndarray | None = None) -> None:
     pts = p.uniform_points(count)
     pts = pts if mask is None else p.masked(pts, mask)
@@ -228,7 +51,7 @@ def _spindles(p: _Painter, count: float, theta: float, spread: float, length: tu
                                    irregular=0.06))
 
 
-def _tumour_cells(p: _Painter, mask: np.ndarray, spacing: float, keep: float, size: float, irregular: float) -> None:
+def _tumour_cells(p: Painter, mask: np.ndarray, spacing: float, keep: float, size: float, irregular: float) -> None:
     pts = p.masked(p.grid_points(spacing, 0.8, keep), mask)
     k = len(pts)
     r = size * np.exp(p.rng.normal(0, 0.25, k))  # pleomorphism: sizes spread widely
@@ -237,7 +60,7 @@ def _tumour_cells(p: _Painter, mask: np.ndarray, spacing: float, keep: float, si
                                    vesicular=p.rng.uniform(0.0, 0.6)))
 
 
-def _fragments(p: _Painter, mask: np.ndarray, density: float) -> None:
+def _fragments(p: Painter, mask: np.ndarray, density: float) -> None:
     """Karyorrhexis: small dark nuclear fragments scattered through necrosis."""
     pts = p.masked(p.uniform_points(density * p.area), mask)
     k = len(pts)
@@ -247,7 +70,7 @@ def _fragments(p: _Painter, mask: np.ndarray, density: float) -> None:
     p.h = np.maximum(p.h, p.blur(frag, 0.4 * max(p.u, 0.6)) * (0.7 + 0.6 * p.grain))
 
 
-def _blood(p: _Painter, mask: np.ndarray, strength: float) -> None:
+def _blood(p: Painter, mask: np.ndarray, strength: float) -> None:
     pts = p.masked(p.grid_points(9.0, 0.7, 0.9), mask)
     k = len(pts)
     cells = p.shapes(pts, 4.8, 4.8 * p.rng.uniform(0.8, 1.0, k), p.rng.uniform(0, np.pi, k),
@@ -255,7 +78,7 @@ def _blood(p: _Painter, mask: np.ndarray, strength: float) -> None:
     p.blood = np.maximum(p.blood, p.blur(cells, 0.5 * max(p.u, 0.6)))
 
 
-def _glands(p: _Painter, count: int, crowded: float, lumen: tuple[float, float]) -> np.ndarray:
+def _glands(p: Painter, count: int, crowded: float, lumen: tuple[float, float]) -> np.ndarray:
     """Crypts: an epithelial ring (cytoplasm, goblet vacuoles, basal columnar nuclei) round a lumen.
 
     ``crowded`` in [0, 1] moves the ring from normal (one row, tidy) towards tumour (stratified, atypical).
@@ -317,7 +140,7 @@ def _glands(p: _Painter, count: int, crowded: float, lumen: tuple[float, float])
 # ---------------------------------------------------------------------------- class recipes
 
 
-def _adi(p: _Painter) -> None:
+def _adi(p: Painter) -> None:
     spacing = p.rng.uniform(70, 130)
     walls = p.voronoi_edges(spacing, p.rng.uniform(0.6, 1.4)) * (p.noise(25) > p.rng.uniform(0.0, 0.25))
     p.e = walls * p.rng.uniform(0.25, 0.6) * (0.5 + 0.9 * p.fractal(20)) + 0.02 * p.noise(40)
@@ -332,7 +155,7 @@ def _adi(p: _Painter) -> None:
         _blood(p, p.region(40, 0.06), 0.8)
 
 
-def _back(p: _Painter) -> None:
+def _back(p: Painter) -> None:
     p.e = 0.025 * p.fractal(60)
     p.h = 0.02 * p.fractal(60)
     p.neutral = 0.03 * p.noise(150) + 0.02 * p.fractal(15)
@@ -354,7 +177,7 @@ def _back(p: _Painter) -> None:
         _fragments(p, np.ones((p.n, p.n), np.float32), p.rng.uniform(5, 40))
 
 
-def _deb(p: _Painter) -> None:
+def _deb(p: Painter) -> None:
     mottle = np.clip(p.fractal(p.rng.uniform(15, 40)) * 1.6 - 0.3, 0, 1)
     p.e = p.rng.uniform(0.3, 0.8) * mottle
     p.h = p.rng.uniform(0.08, 0.3) * p.fractal(20)  # smeared nuclear dust tints necrosis purple
@@ -370,7 +193,7 @@ def _deb(p: _Painter) -> None:
         _lymphocytes(p, p.uniform_points(p.rng.uniform(30, 120) * p.area))
 
 
-def _lym(p: _Painter) -> None:
+def _lym(p: Painter) -> None:
     dense = p.rng.random() < 0.7
     spacing = p.rng.uniform(13, 16) if dense else p.rng.uniform(16, 24)
     keep = p.rng.uniform(0.8, 1.0) if dense else p.rng.uniform(0.35, 0.7)
@@ -383,7 +206,7 @@ def _lym(p: _Painter) -> None:
         _tumour_cells(p, p.region(60, 0.1), 24, 0.6, 11.0, 0.2)
 
 
-def _muc(p: _Painter) -> None:
+def _muc(p: Painter) -> None:
     theta = p.rng.uniform(0, np.pi)
     wisps = p.streaks(theta, p.rng.uniform(3, 8), p.rng.uniform(30, 80), p.rng.uniform(10, 40), 50) ** 2.5
     wisps2 = p.streaks(theta + p.rng.normal(0, 0.6), p.rng.uniform(4, 10), 40, 30, 40) ** 2
@@ -400,7 +223,7 @@ def _muc(p: _Painter) -> None:
         p.h = np.maximum(p.h, p.nuclei(pts, r, r * 0.8, p.rng.uniform(0, np.pi, len(pts)), 1.0, 0.15))
 
 
-def _mus(p: _Painter) -> None:
+def _mus(p: Painter) -> None:
     theta = p.rng.uniform(0, np.pi)
     wavy = p.rng.random() < 0.25  # relaxed muscle looks like dense stroma
     f = p.streaks(theta, p.rng.uniform(2.5, 5), p.rng.uniform(40, 90), p.rng.uniform(8, 20) if wavy else 3, 90)
@@ -415,7 +238,7 @@ def _mus(p: _Painter) -> None:
         _lymphocytes(p, p.uniform_points(p.rng.uniform(5, 30) * p.area))
 
 
-def _str(p: _Painter) -> None:
+def _str(p: Painter) -> None:
     theta = p.rng.uniform(0, np.pi)
     compact = p.rng.random() < 0.3  # dense straight collagen: the border case with MUS
     p.e = _stroma(p, theta, p.rng.uniform(3, 5) if compact else p.rng.uniform(3, 8),
@@ -432,7 +255,7 @@ def _str(p: _Painter) -> None:
         _tumour_cells(p, p.region(50, 0.15), 24, 0.7, 12.0, 0.25)
 
 
-def _norm(p: _Painter) -> None:
+def _norm(p: Painter) -> None:
     p.e = _stroma(p, p.rng.uniform(0, np.pi), 6, 25, p.rng.uniform(0.25, 0.45), 0.4)
     p.h = 0.05 * p.fractal(30)
     _lymphocytes(p, p.uniform_points(p.rng.uniform(30, 90) * p.area))
@@ -440,7 +263,7 @@ def _norm(p: _Painter) -> None:
     _glands(p, int(p.rng.integers(1, 3)), crowded, (0.25, 0.5))
 
 
-def _tum(p: _Painter) -> None:
+def _tum(p: Painter) -> None:
     p.e = p.rng.uniform(0.3, 0.6) * (0.7 + 0.3 * p.fractal(25))
     p.h = p.rng.uniform(0.08, 0.2) * p.fractal(25)
     if p.rng.random() < 0.3:  # tumour glands that still resemble crypts: the border case with NORM
@@ -454,7 +277,7 @@ def _tum(p: _Painter) -> None:
         p.e += lumens * 0.3 * p.fractal(15)
 
 
-_RECIPES: dict[str, Callable[[_Painter], None]] = {
+_RECIPES: dict[str, Callable[[Painter], None]] = {
     "ADI": _adi, "BACK": _back, "DEB": _deb, "LYM": _lym, "MUC": _muc,
     "MUS": _mus, "NORM": _norm, "STR": _str, "TUM": _tum,
 }
@@ -479,10 +302,10 @@ def generate_tile(label: int | str, size: int, rng: np.random.Generator, style: 
     if size < 8:
         raise ValueError(f"tile size must be at least 8, got {size}")
     zoom = float(np.exp(rng.uniform(np.log(0.8), np.log(1.25))))  # scale jitter
-    p = _Painter(size, rng, zoom)
+    p = Painter(size, rng, zoom)
     _RECIPES[name](p)
     if rng.random() < BORDER_PROB:
-        other = _Painter(size, rng, zoom)
+        other = Painter(size, rng, zoom)
         _RECIPES[str(rng.choice(NEIGHBOURS[name]))](other)
         patch = p.region(rng.uniform(60, 150), rng.uniform(0.15, 0.45))
         for attr in ("h", "e", "blood", "neutral"):
