@@ -11,6 +11,7 @@ from typing import Any, Callable, Sequence
 import lightning as L
 import torch
 import torch.nn.functional as F
+from torchmetrics.aggregation import MeanMetric
 from torch.utils.data import DataLoader, Dataset
 
 from histodiff.errors import InputError
@@ -81,8 +82,8 @@ class ClassifierModule(L.LightningModule):
         self.best_state: dict[str, torch.Tensor] | None = None
         self.best = (-1.0, float("inf"))  # (val accuracy, val loss): higher accuracy, then lower loss
         self.history: list[dict[str, float]] = []
-        self._val: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._train_loss: list[float] = []
+        # epoch means: training loss; validation loss and accuracy weighted by batch size (= over all tiles)
+        self.train_loss, self.val_loss, self.val_accuracy = MeanMetric(), MeanMetric(), MeanMetric()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(fit_input(x, self.img_size))
@@ -96,22 +97,21 @@ class ClassifierModule(L.LightningModule):
         x, y = batch
         x = colour_jitter(x, self.JITTER)
         loss, _, _ = self._common_step((x, y))
-        self._train_loss.append(float(loss.detach()))
+        self.train_loss.update(loss.detach())
         self.log("train_loss", loss, prog_bar=True)
         return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        _, logits, y = self._common_step(batch)
-        self._val.append((logits.detach().float().cpu(), y.cpu()))
+        loss, logits, y = self._common_step(batch)
+        self.val_loss.update(loss.detach().float(), weight=len(y))
+        self.val_accuracy.update((logits.argmax(1) == y).float().mean(), weight=len(y))
 
     def on_validation_epoch_end(self) -> None:
-        logits = torch.cat([v[0] for v in self._val])
-        y = torch.cat([v[1] for v in self._val])
-        self._val.clear()
-        acc = float((logits.argmax(1) == y).float().mean())
-        loss = float(F.cross_entropy(logits, y))
-        train_loss = sum(self._train_loss) / max(1, len(self._train_loss))
-        self._train_loss.clear()
+        acc, loss = float(self.val_accuracy.compute()), float(self.val_loss.compute())
+        train_loss = float(self.train_loss.compute()) if self.train_loss.update_count else 0.0
+        for metric in (self.train_loss, self.val_loss, self.val_accuracy):
+            metric.reset()
+        self.log_dict({"val_loss": loss, "val_accuracy": acc}, on_epoch=True, logger=bool(self.loggers))
         epoch = self.current_epoch + 1
         self.history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": loss, "val_accuracy": acc})
         if (acc, -loss) > (self.best[0], -self.best[1]):

@@ -9,6 +9,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from torchmetrics.aggregation import MeanMetric
 from torch.utils.data import Dataset
 
 from histodiff.evaluation.downstream import fit_input
@@ -29,7 +30,7 @@ class DecoderFinetune(L.LightningModule):
         self.trainable = [*autoencoder.decoder.parameters(), *autoencoder.post_quant_conv.parameters()]
         for p in self.trainable:
             p.requires_grad_(True)
-        self.sums: dict[str, float] = {}
+        self.round_means: dict[str, MeanMetric] = {}  # mean of each term over the fine-tuning steps
 
     def train(self, mode: bool = True) -> "DecoderFinetune":
         super().train(mode)
@@ -55,7 +56,9 @@ class DecoderFinetune(L.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         out = self.losses(*batch)
         for k, v in out.items():
-            self.sums[k] = self.sums.get(k, 0.0) + float(v.detach())
+            self.round_means.setdefault(k, MeanMetric()).update(float(v.detach()))
+        self.log_dict({f"decoder/{k}": v.detach() for k, v in out.items()}, on_step=True, on_epoch=False,
+                      logger=bool(self.loggers))
         if (batch_idx + 1) % max(1, self.steps // 5) == 0 or batch_idx + 1 == self.steps:
             log.info("decoder fine-tuning: step %d/%d rec %.4f ce %.4f", batch_idx + 1, self.steps,
                      float(out["rec"].detach()), float(out["ce"].detach()))
@@ -96,4 +99,4 @@ def finetune_decoder(cfg, autoencoder, phi, phi_img_size: int, train_set: Datase
     trainer = make_trainer(cfg.train, a.decoder_steps, progress=False)
     trainer.fit(module, step_loader(train_set, batch, a.decoder_steps, cfg.seed, cfg.tiles.num_workers))
     autoencoder.requires_grad_(False).eval()
-    return {k: v / a.decoder_steps for k, v in module.sums.items()}
+    return {k: float(m.compute()) for k, m in module.round_means.items()}

@@ -47,6 +47,7 @@ class LatentClassifierModule(L.LightningModule):
         # diffusers indexes timesteps 0..T-1: the paper's t = 1..T, all of them equally likely
         t = torch.randint(0, len(self.alphas_cumprod), (z0.shape[0],), device=z0.device)
         loss = F.cross_entropy(self.classifier(self.noised(z0, t, torch.randn_like(z0)), t), y)
+        self.log("latent_classifier/loss", loss.detach(), on_step=True, on_epoch=False, logger=bool(self.loggers))
         value = float(loss.detach())
         self.last["loss"] = 0.9 * self.last.get("loss", value) + 0.1 * value
         if (batch_idx + 1) % max(1, self.steps // 5) == 0:
