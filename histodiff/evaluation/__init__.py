@@ -1,1 +1,8 @@
-"""Paper stage 6: the downstream classifier on real + synthetic tiles, Table 1, and FID/KID."""
+"""Paper stage 6: evaluation.
+
+- ``image_classifier``: the timm image classifier factory
+- ``trained_classifiers``: train, save and load the site's classifiers (phi, baseline, downstream)
+- ``downstream``: the Lightning classifier, validation split, training and test metrics
+- ``fid`` and ``inception``: FID/KID on InceptionV3 pool3 features
+- ``table1``: Table 1 (mean +- std over seeds), confusion matrices, grids of real and synthetic tiles
+"""
