@@ -7,7 +7,9 @@ feedback, clipped under central DP, masked under SecAgg+.
 
 from __future__ import annotations
 
+import logging
 import math
+import sys
 import time
 
 from flwr.app import Context, Message, MetricRecord, RecordDict
@@ -22,6 +24,20 @@ from wire.secagg import RECORD_KEY, REPLY_FIELDS, STATS_SHAPES, WEIGHT_KEY, SecA
 from wire.settings import Settings
 
 app = ClientApp()
+
+
+def _site_logging() -> None:
+    """Progress lines of a round (``histodiff.site``) reach the SuperNode's output when nothing else shows them."""
+    package = logging.getLogger("histodiff")
+    if package.handlers or logging.getLogger().handlers:
+        return  # e.g. the simulation runtime inside server.run, which already logs
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
+    package.addHandler(handler)
+    package.setLevel(logging.INFO)
+
+
+_site_logging()
 
 
 def _site(context: Context):

@@ -122,18 +122,22 @@ def load_dataset(cfg, train: bool = True):
 
 def lae_round(cfg, dataset, site: Site, steps: int, global_weights, mu: float = 0.0):
     from client.proximal import proximal_callbacks
+    from client.round_progress import RoundProgress
     from histodiff.local_training.local_steps import train_lae_steps
 
     return train_lae_steps(cfg, dataset, site.state / "lae", steps, init_weights=global_weights, progress=False,
-                           callbacks=proximal_callbacks(mu, "lae", cfg.lae.share_discriminator))
+                           callbacks=[*proximal_callbacks(mu, "lae", cfg.lae.share_discriminator),
+                                      RoundProgress(total=steps, label=f"{site.name} lae")])
 
 
 def dm_round(cfg, dataset, site: Site, steps: int, global_weights, autoencoder, scale_factor: float, mu: float = 0.0):
     from client.proximal import proximal_callbacks
+    from client.round_progress import RoundProgress
     from histodiff.local_training.local_steps import train_dm_steps
 
     return train_dm_steps(cfg, dataset, site.state / "dm", steps, autoencoder, scale_factor,
-                          init_weights=global_weights, progress=False, callbacks=proximal_callbacks(mu, "dm"))
+                          init_weights=global_weights, progress=False,
+                          callbacks=[*proximal_callbacks(mu, "dm"), RoundProgress(total=steps, label=f"{site.name} dm")])
 
 
 def latent_stats(cfg, dataset, autoencoder):

@@ -117,3 +117,61 @@ def test_fedprox_term_runs_inside_local_training(tmp_path, monkeypatch):
     grid = InProcessGrid(app, {1: {"partition-id": 0, "num-partitions": 1}}, rc)
     assert _federation(grid, rc).run().status == "done"
     assert calls and set(calls) == {0.01}
+
+
+def test_collect_says_which_sites_it_still_waits_for(monkeypatch):
+    from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
+
+    import strategies.collect as collect_module
+
+    ping = ClientApp()
+
+    @ping.query("ping")
+    def _ping(message, context):
+        return Message(RecordDict({"metrics": MetricRecord({"ok": 1})}), reply_to=message)
+
+    monkeypatch.setattr(collect_module, "WAIT_LOG_EVERY", 0.25)
+    grid = InProcessGrid(ping, {n: {} for n in (1, 2, 3, 4)}, {})
+    grid.silent.update({3, 4})  # these two never answer
+    lines = []
+    messages = [Message(RecordDict({"config": ConfigRecord({"phase": "ping"})}), n, "query.ping", group_id="7")
+                for n in (1, 2, 3, 4)]
+    got = collect_module.collect(grid, messages, 1.2, 0.05, lambda node, reply: 0, say=lines.append)
+    assert sorted(got.answered) == [1, 2] and set(got.dropped) == {3, 4}
+    assert 3 <= len(lines) <= 5, lines  # about every 0.25 s over 1.2 s
+    first = lines[0]
+    assert first.startswith("[fed] query.ping (global round 7): waiting for 2 of 4 site(s): 3, 4; since ")
+    assert "deadline" in first and "(in 1 s)" in first or "(in 0 s)" in first
+    # the default interval is long: nothing is said during a short collection
+    monkeypatch.undo()
+    quiet = []
+    collect_module.collect(grid, [Message(RecordDict({"config": ConfigRecord({})}), 3, "query.ping")], 0.3, 0.05,
+                           lambda node, reply: 0, say=quiet.append)
+    assert quiet == [] and collect_module.WAIT_LOG_EVERY == 30.0
+
+
+def test_a_round_says_what_it_waits_for_and_writes_tensorboard(tmp_path, monkeypatch):
+    import strategies.collect as collect_module
+
+    class QuietInTraining(InProcessGrid):  # site 12 tells its role, then never sends its update
+        def push_messages(self, messages):
+            messages = list(messages)
+            if any(m.metadata.message_type == "train.lae" for m in messages):
+                self.silent.add(12)
+            return super().push_messages(messages)
+
+    monkeypatch.setattr(collect_module, "WAIT_LOG_EVERY", 0.2)
+    rc = _run_config(tmp_path, **{"dm-rounds": 0, "deliver": False, "round-timeout": 1.0, "wait-timeout": 60.0})
+    grid = QuietInTraining(app, {10 + i: {"partition-id": i, "num-partitions": 3} for i in range(3)}, rc)
+    lines = []
+    assert _federation(grid, rc, lines).run().status == "done", lines
+    waiting = [x for x in lines if "waiting for" in x]
+    assert waiting and waiting[0].startswith("[fed] train.lae (global round 1): waiting for 1 of 3 site(s): 12; since")
+    lae = read_metrics(tmp_path / "run")[0]
+    assert lae["dropped"] == {"12": "missed the round deadline"}
+    assert set(lae["losses_per_site"]) == {"10", "11"} and "rec" in lae["losses_per_site"]["10"]
+    assert set(lae["stages"]) == {"prepare", "sites", "aggregate", "checkpoint"}
+    events = list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and json.loads((tmp_path / "run" / "tensorboard" / "rounds_written.json").read_text()) == \
+        {"last_global_round": 2}  # the LAE round and the latent-statistics round

@@ -134,3 +134,76 @@ def test_settings_from_run_config():
     with pytest.raises(ValueError, match="proximal-mu"):
         Settings.from_run_config({"strategy": "fedprox"})
     assert math.isclose(decode_tensor(to_record({"x": torch.tensor(2.0)})["x"]).item(), 2.0)
+
+
+# ------------------------------------------------------------------ TensorBoard (strategies/board.py)
+
+
+def _board_line(global_round, phase="lae"):
+    return {"phase": phase, "round": global_round, "rounds": 4, "global_round": global_round, "sites_asked": 2,
+            "sites_answered": 1, "dropped": {"12": "missed the round deadline"}, "losses": {"rec": 0.5 / global_round},
+            "losses_per_site": {"11": {"rec": 0.4 / global_round}}, "bytes_sent": 2_000_000, "bytes_received": 1_000_000,
+            "bytes_sent_per_site": {"11": 2_000_000}, "bytes_received_per_site": {"11": 1_000_000}, "seconds": 3.0,
+            "stages": {"prepare": 0.5, "sites": 2.0, "aggregate": 0.5, "checkpoint": 0.1},
+            "privacy": {"11": {"epsilon": 0.5 * global_round, "delta": 1e-5, "exhausted": False}}}
+
+
+def _events(folder):
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    out = {}
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        for event in EventFileLoader(str(path)).Load():
+            for value in event.summary.value:
+                out.setdefault(value.tag, []).append((event.step, path.name))
+    return out
+
+
+def test_tensorboard_events_per_round_and_a_resume_appends_without_duplicates(tmp_path):
+    from PIL import Image
+
+    from strategies.board import RunBoard
+    from strategies.checkpoint import append_metrics
+
+    board = RunBoard(tmp_path)
+    for r in (1, 2):
+        append_metrics(tmp_path, _board_line(r))
+        board.round(_board_line(r))
+    board.close()
+    append_metrics(tmp_path, _board_line(3))  # committed, then the coordinator died before its events
+    Image.new("RGB", (8, 4), "red").save(tmp_path / "grid.png")
+    resumed = RunBoard(tmp_path)  # a resumed run: a new event file, the missing round first
+    line = {**_board_line(4, "deliver"), "images": {"grids/site2/ADI": "grid.png"},
+            "labeled_sites": {"12": {"status": "done", "baseline/accuracy": 0.75}}}
+    append_metrics(tmp_path, line)
+    resumed.round(line)
+    resumed.round(line)  # the same round twice is written once
+    resumed.close()
+    events = _events(tmp_path / "tensorboard")
+    assert len({f for steps in events.values() for _, f in steps}) == 2  # two event files
+    for tag in ("loss/lae/rec", "site/lae/rec/11", "bytes/sent_MB", "bytes_site/received_MB/11", "time/round_s",
+                "time/stage/sites", "sites/answered", "sites/dropped", "privacy/epsilon/11"):
+        assert tag in events, (tag, sorted(events))
+    assert [s for s, _ in events["bytes/sent_MB"]] == [1, 2, 3, 4]  # every round once, across both files
+    assert [s for s, _ in events["loss/lae/rec"]] == [1, 2, 3]
+    assert events["table1/12/baseline/accuracy"][0][0] == 4 and events["grids/site2/ADI"][0][0] == 4
+    assert any(tag.startswith("dropped") for tag in events)  # the reasons, as text
+
+
+def test_a_tensorboard_failure_warns_once_and_never_raises(tmp_path, monkeypatch, caplog):
+    import torch.utils.tensorboard
+
+    from strategies.board import RunBoard
+
+    class Broken:
+        def __init__(self, *args, **kwargs):
+            raise OSError("disk full")
+
+    monkeypatch.setattr(torch.utils.tensorboard, "SummaryWriter", Broken)
+    board = RunBoard(tmp_path)
+    with caplog.at_level("WARNING", logger="histodiff.fed"):
+        board.round(_board_line(1))
+        board.round(_board_line(2))
+        board.close()
+    warnings = [r.getMessage() for r in caplog.records if "TensorBoard" in r.getMessage()]
+    assert len(warnings) == 1 and "disk full" in warnings[0] and "the run goes on" in warnings[0]
