@@ -1,6 +1,8 @@
 """Start this site's SuperNode: ``python -m client.run --data /site/tiles --superlink HOST:PORT [options]``.
 
-The tile folder is checked first (a bad folder fails with the loader's one-line report); then ``flower-supernode``
+``--slides /site/slides`` instead of ``--data`` tiles the site's whole-slide images into ``<work>/tiles`` first
+(``histodiff.data.slide_tiling``; a restart keeps the finished slides). The tile folder is checked first (a bad
+folder fails with the loader's one-line report); then ``flower-supernode``
 runs as a child with the site's data path, name, role and work directory in its node config:
 
 * only the trusted app runs: a ``flwr-clientapp`` shim first on the SuperNode's PATH checks every FAB before it is
@@ -32,7 +34,12 @@ log = logging.getLogger("histodiff.client")
 
 def parse(argv):
     p = argparse.ArgumentParser(prog="python -m client.run", description=__doc__)
-    p.add_argument("--data", required=True, help="this site's tile folder")
+    p.add_argument("--data", default=None, help="this site's tile folder (or --slides)")
+    p.add_argument("--slides", default=None, metavar="DIR",
+                   help="this site's whole-slide images instead of --data: tiled into <work>/tiles first (256 px at "
+                        "0.5 um/px, tissue only; finished slides are kept; see python -m histodiff.slides)")
+    p.add_argument("--slide-labels", default=None, metavar="CSV",
+                   help="with --slides on a labeled site: 'slide,class' CSV; the tiles go to class folders")
     p.add_argument("--superlink", required=True, help="SuperLink address HOST:PORT")
     p.add_argument("--site", default=None, help="site name (default: the data folder's name)")
     p.add_argument("--role", choices=("unlabeled", "labeled"), default="unlabeled")
@@ -60,7 +67,14 @@ def check_args(args) -> str | None:
     """
     from histodiff.config import ConfigError, compose
 
-    for option, value, kind in (("--data", args.data, "dir"), ("--test-data", args.test_data, "dir"),
+    if (args.data is None) == (args.slides is None):
+        return "pass either --data TILE_FOLDER or --slides SLIDE_FOLDER" + (" (not both)" if args.data else "")
+    if args.slide_labels and not args.slides:
+        return "--slide-labels goes with --slides (tiles in --data take their labels from class folders)"
+    if args.slides and args.role == "labeled" and not args.slide_labels:
+        return "--role labeled with --slides needs --slide-labels CSV ('slide,class') to put the tiles in classes"
+    for option, value, kind in (("--data", args.data, "dir"), ("--slides", args.slides, "dir"),
+                                ("--slide-labels", args.slide_labels, "file"), ("--test-data", args.test_data, "dir"),
                                 ("--root-certificates", args.root_certificates, "file"),
                                 ("--auth-key", args.auth_key, "file")):
         if value is None or (args.insecure and option in ("--root-certificates", "--auth-key")):
@@ -85,6 +99,30 @@ def check_args(args) -> str | None:
         if os.environ.get("HISTODIFF_DEBUG"):
             raise
         return f"--profile/--overrides: {exc}"
+    return None
+
+
+def prepare_slides(args, work: Path) -> str | None:
+    """``--slides``: tile them into ``<work>/tiles`` and make that ``args.data``; ``--data`` holding slides but no
+    tiles: say how to tile them. The problem in one line, or None."""
+    from histodiff.data.slide_sources import slide_files_without_tiles
+    from histodiff.data.slide_tiling import TilingParams, describe, tile_slides
+
+    if args.slides is None:
+        slides = slide_files_without_tiles(args.data)
+        if not slides:
+            return None
+        return (f"--data {args.data} holds {len(slides)} whole-slide image(s) ({slides[0].name}) but no tiles: tile "
+                f"them first (python -m histodiff.slides --slides {args.data} --out TILES, then --data TILES), or "
+                f"pass --slides {args.data}")
+    tiles = work / "tiles"
+    log.info("tiling the slides in %s into %s (finished slides are kept)", args.slides, tiles)
+    summary = tile_slides(args.slides, tiles, TilingParams(), labels_csv=args.slide_labels, progress=False)
+    if not summary.with_tiles:
+        first = summary.skipped[0]
+        return f"none of the {len(summary.results)} slide(s) in {args.slides} gave tiles (first: " \
+               f"{describe(first.slide)}: {first.reason})"
+    args.data = str(tiles)
     return None
 
 
@@ -122,14 +160,19 @@ def main(argv: list[str] | None = None) -> int:
     from histodiff.config import ConfigError
     from histodiff.errors import InputError
 
-    site = args.site or Path(args.data).resolve().name
-    work = Path(args.work or Path(args.data).resolve().parent / f"{site}-work").resolve()
+    source = Path(args.data or args.slides).resolve()
+    site = args.site or source.name
+    work = Path(args.work or source.parent / f"{site}-work").resolve()
     if args.insecure:
         log.warning("--insecure: no TLS and no node authentication; model weights travel in the clear")
     elif not args.root_certificates:
         print("error: pass --root-certificates CA.crt (or --insecure for a local test)", file=sys.stderr)
         return 2
     try:
+        problem = prepare_slides(args, work)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
         n = check_data(args, work)
     except (InputError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
