@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pytest
@@ -237,6 +237,9 @@ def test_labels_put_tiles_under_class_and_slide(mosaic, tmp_path, caplog):
     assert all(r["path"].startswith(f"{r['label']}/{r['slide']}/{r['slide']}_x") for r in rows)
     index = scan_tiles(out)  # the tile loader: class from the first folder, the slide folder below it
     assert index.classes == ["NORM", "TUM"] and index.labels_source == "folders" and len(index.entries) == 8
+    # each tile's slide, from the manifest (the slide folder below the class says the same): splits keep slides whole
+    assert index.groups_source == f"manifest:{(out / 'manifest.csv').resolve()}" and index.group_count() == 2
+    assert all(g == PurePosixPath(rel).parts[1] for (rel, _), g in zip(index.entries, index.groups))
 
 
 def test_client_run_with_slides_in_data_says_how_to_tile_them(slides_dir, tmp_path, capsys):

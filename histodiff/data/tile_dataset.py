@@ -75,6 +75,12 @@ class TileFolder(torch.utils.data.Dataset):
     def labels(self) -> list[int]:
         return [self.index.entries[i][1] for i in self.positions]
 
+    @property
+    def groups(self) -> list[str | None]:
+        """Each tile's slide or patient (None: unknown, the tile is its own group); see ``TileIndex.groups``."""
+        groups = self.index.tile_groups()
+        return [groups[i] for i in self.positions]
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         rel, label = self.index.entries[self.positions[i]]
         path = self.index.root / rel

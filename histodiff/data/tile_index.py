@@ -1,5 +1,11 @@
 """The verified index of a tile folder: walk it (symlinks, loops, unreadable entries), read labels from class
-folders or a CSV, check every image once, and cache the index and its report in the site's work directory."""
+folders or a CSV, learn each tile's group (its slide or patient) where the data says it, check every image once,
+and cache the index and its report in the site's work directory.
+
+Groups, first source that knows the tile wins: a ``group`` column of the labels CSV; the ``slide`` column of a
+``manifest.csv`` at the folder's root (as ``python -m histodiff.slides`` writes it); the folder right below the
+class folder (``<class>/<slide>/.../tile.png``). A tile none of them knows is its own group. Groups are named, not
+namespaced by class: ``TUM/case7/`` and ``NORM/case7/`` are one slide, so its tiles stay on one side of a split."""
 
 from __future__ import annotations
 
@@ -18,7 +24,8 @@ from histodiff.errors import InputError
 
 INDEX_FILE = "tile_index.json"
 REPORT_FILE = "tile_report.json"
-_INDEX_VERSION = 1
+SLIDES_MANIFEST = "manifest.csv"  # written by ``python -m histodiff.slides`` at its output folder's root
+_INDEX_VERSION = 2  # 2: per-tile groups (slide or patient)
 
 log = logging.getLogger("histodiff.data")
 
@@ -31,6 +38,9 @@ class TileIndex:
     skipped: list[tuple[str, str]]  # (path relative to root, reason)
     sizes: list[tuple[int, int]] = field(default_factory=list)  # (width, height) per entry
     labels_source: str = "none"  # "csv:<path>", "folders" or "none"
+    # per entry: its slide or patient, None when unknown (the tile is its own group); [] when never looked for
+    groups: list[str | None] = field(default_factory=list)
+    groups_source: str = "none"  # where the groups came from: "csv:<path>", "manifest:<path>", "folders", joined by "+"
 
     def class_counts(self) -> dict[str, int]:
         counts = {name: 0 for name in self.classes}
@@ -38,6 +48,14 @@ class TileIndex:
             if label >= 0:
                 counts[self.classes[label]] += 1
         return counts
+
+    def tile_groups(self) -> list[str | None]:
+        """One group per entry (None: unknown, the tile is its own group)."""
+        return list(self.groups) if len(self.groups) == len(self.entries) else [None] * len(self.entries)
+
+    def group_count(self) -> int:
+        """Known groups (slides or patients); tiles without one are not counted."""
+        return len({g for g in self.tile_groups() if g is not None})
 
 
 def _walk(root: Path) -> tuple[list[str], list[tuple[str, str]]]:
@@ -106,11 +124,13 @@ def _entry_problem(item: os.DirEntry) -> str | None:
     return None
 
 
-def _read_csv(csv_path: Path, root: Path) -> dict[str, str]:
-    """Map relative tile path -> label from a ``path,label`` CSV; refuse missing files up front."""
+def _read_csv(csv_path: Path, root: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """(relative tile path -> label, relative tile path -> group) from a ``path,label[,group]`` CSV; refuse missing
+    files up front. The optional ``group`` column names the tile's slide or patient; an empty cell: unknown."""
     if not csv_path.is_file():
         raise InputError(f"labels CSV {csv_path} does not exist or is not a file")
     labels: dict[str, str] = {}
+    groups: dict[str, str] = {}
     with open(csv_path, newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
         fields = [f.strip().lower() for f in reader.fieldnames or []]
@@ -127,6 +147,9 @@ def _read_csv(csv_path: Path, root: Path) -> dict[str, str]:
                 raise InputError(f"labels CSV {csv_path} line {line}: path {rel} lies outside the data folder {root}")
             if labels.setdefault(rel, label) != label:
                 raise InputError(f"labels CSV {csv_path} gives {rel} two labels ({labels[rel]}, {label})")
+            group = row.get("group", "")
+            if group and groups.setdefault(rel, group) != group:
+                raise InputError(f"labels CSV {csv_path} gives {rel} two groups ({groups[rel]}, {group})")
     if not labels:
         raise InputError(f"labels CSV {csv_path} lists no tiles")
     missing = [rel for rel in labels if not (root / rel).is_file()]
@@ -134,7 +157,46 @@ def _read_csv(csv_path: Path, root: Path) -> dict[str, str]:
         raise InputError(
             f"labels CSV {csv_path} names {len(missing)} file(s) missing under {root}, first: {missing[0]}"
         )
-    return labels
+    return labels, groups
+
+
+def _read_slides_manifest(path: Path) -> dict[str, str]:
+    """Relative tile path -> slide from a tiled-slides ``manifest.csv`` (columns ``slide,path,...``).
+
+    Never fatal: a file of that name without those columns, or one that cannot be read, gives no groups (a warning
+    says why); rows without a slide or with a path outside the folder are left out."""
+    slides: dict[str, str] = {}
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            fields = [f.strip().lower() for f in reader.fieldnames or []]
+            if "slide" not in fields or "path" not in fields:
+                log.warning("%s has no 'slide' and 'path' columns (not a tiled-slides manifest); its tiles' slides "
+                            "are not known from it", path)
+                return {}
+            for row in reader:
+                row = {k.strip().lower(): (v or "").strip() for k, v in row.items() if k is not None}
+                rel, slide = row.get("path", "").replace("\\", "/"), row.get("slide", "")
+                if not rel or not slide:
+                    continue
+                rel = os.path.normpath(rel).replace(os.sep, "/")
+                if os.path.isabs(rel) or rel == ".." or rel.startswith("../"):
+                    continue
+                slides.setdefault(rel, slide)
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        log.warning("cannot read the slides manifest %s (%s); its tiles' slides are not known from it", path,
+                    first_line(exc))
+        return {}
+    return slides
+
+
+def _file_stamp(path: Path) -> list[Any]:
+    """Size and mtime of a file that may not exist (for the cache fingerprint)."""
+    try:
+        st = os.stat(path)
+        return [st.st_size, st.st_mtime_ns]
+    except OSError:
+        return []
 
 
 def _fingerprint(root: Path, files: list[str], extra: list[Any]) -> str:
@@ -191,9 +253,10 @@ def scan_tiles(
         raise InputError(f"labels CSV {labels_csv} given together with labeled=False for {root}")
 
     csv_labels: dict[str, str] | None = None
+    csv_groups: dict[str, str] = {}
     if labels_csv is not None:
         csv_path = Path(labels_csv).expanduser().resolve()
-        csv_labels = _read_csv(csv_path, root)
+        csv_labels, csv_groups = _read_csv(csv_path, root)
         files, refused = sorted(csv_labels), []
         source = f"csv:{csv_path}"
         st = csv_path.stat()
@@ -203,6 +266,8 @@ def scan_tiles(
         source = "folders" if labeled is not False else "none"
         extra = [source]
 
+    manifest = root / SLIDES_MANIFEST
+    extra.append(["manifest", _file_stamp(manifest)])  # a new or changed slides manifest rebuilds the groups
     key = hashlib.sha1(json.dumps([str(root), source, labeled, max_image_pixels]).encode()).hexdigest()
     fingerprint = _fingerprint(root, files, [*extra, refused])  # a new link loop alone also rebuilds
     work = Path(work_dir).expanduser() if work_dir is not None else None
@@ -217,9 +282,12 @@ def scan_tiles(
             skipped=[(rel, reason) for rel, reason in cached["skipped"]],
             sizes=[(int(w), int(h)) for _, _, w, h in cached["entries"]],
             labels_source=cached["labels_source"],
+            groups=[None if g is None else str(g) for g in cached["groups"]],
+            groups_source=cached["groups_source"],
         )
     else:
         index = _build(root, files, refused, csv_labels, source, labeled, max_image_pixels)
+        _assign_groups(index, csv_groups, labels_csv, manifest)
         if cache is not None and work is not None:
             cache["indexes"][key] = {
                 "root": str(root),
@@ -228,6 +296,8 @@ def scan_tiles(
                 "classes": index.classes,
                 "entries": [[rel, label, w, h] for (rel, label), (w, h) in zip(index.entries, index.sizes)],
                 "skipped": [list(s) for s in index.skipped],
+                "groups": index.groups,
+                "groups_source": index.groups_source,
             }
             _write_json(work / INDEX_FILE, cache)
 
@@ -295,7 +365,33 @@ def _build(
                      labels_source=source)
 
 
+def _assign_groups(index: TileIndex, csv_groups: dict[str, str], labels_csv: str | Path | None,
+                   manifest: Path) -> None:
+    """Each entry's group: the CSV's ``group`` column, else the slides manifest's ``slide``, else (class folders)
+    the folder right below the class folder, else None (its own group)."""
+    slides = _read_slides_manifest(manifest) if manifest.is_file() else {}
+    from_folders = index.labels_source == "folders"
+    groups: list[str | None] = []
+    used: list[str] = []
+    for rel, _ in index.entries:
+        parts = PurePosixPath(rel).parts
+        if rel in csv_groups:
+            group, where = csv_groups[rel], f"csv:{Path(labels_csv).expanduser().resolve()}"
+        elif rel in slides:
+            group, where = slides[rel], f"manifest:{manifest}"
+        elif from_folders and len(parts) >= 3:  # <class>/<slide>/.../tile.png
+            group, where = parts[1], "folders"
+        else:
+            group, where = None, ""
+        groups.append(group)
+        if where and where not in used:
+            used.append(where)
+    index.groups = groups
+    index.groups_source = "+".join(used) or "none"
+
+
 def _report(index: TileIndex, n_files: int) -> dict[str, Any]:
+    groups = index.tile_groups()
     return {
         "root": str(index.root),
         "labels": index.labels_source,
@@ -303,5 +399,9 @@ def _report(index: TileIndex, n_files: int) -> dict[str, Any]:
         "tiles": len(index.entries),
         "skipped_count": len(index.skipped),
         "class_counts": index.class_counts(),
+        # slides or patients: a validation split keeps each on one side; a tile without one is its own group
+        "groups": index.group_count(),
+        "groups_source": index.groups_source,
+        "tiles_without_group": sum(g is None for g in groups),
         "skipped": [list(s) for s in index.skipped],
     }

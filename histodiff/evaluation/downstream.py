@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Hashable, Sequence
 
 import lightning as L
 import torch
@@ -23,27 +23,86 @@ log = logging.getLogger(__name__)
 
 
 def carve_validation(labels: Sequence[int], fraction: float, min_per_class: int, seed: int,
-                     class_names: Sequence[str] | None = None) -> tuple[list[int], list[int]]:
+                     class_names: Sequence[str] | None = None,
+                     groups: Sequence[Hashable | None] | None = None) -> tuple[list[int], list[int]]:
     """Stratified (train, val) positions: per class max(min_per_class, round(fraction * n)) go to val.
+
+    ``groups`` (one per tile: its slide or patient, None when unknown) keeps every group on one side: whole groups
+    go to val until each class has its share (never less: the per-class minimum holds, whole groups may overshoot
+    it), and every class keeps at least one training tile. Tiles without a group are each their own group, so
+    without groups (or with None for every tile) the split is exactly the per-tile one. Classes are visited in
+    order, each drawing one permutation of its groups not yet in val from the seeded generator; within it, groups
+    that fit the remaining shares of all their classes are taken first, then the one that fills the class's share
+    with the fewest tiles beyond the shares.
 
     The test set is never an input here, so model selection cannot see it.
     """
     gen = torch.Generator().manual_seed(seed)
-    by_class: dict[int, list[int]] = {}
-    for i, y in enumerate(labels):
-        by_class.setdefault(int(y), []).append(i)
-    train, val = [], []
-    for c in sorted(by_class):
-        members = by_class[c]
-        n_val = max(min_per_class, int(round(fraction * len(members))))
-        if len(members) < n_val + 1:
-            name = class_names[c] if class_names is not None else str(c)
-            raise InputError(f"class {name} has {len(members)} labeled tile(s); at least {n_val + 1} are needed "
-                             f"({n_val} for the validation split, 1 for training)")
-        order = [members[j] for j in torch.randperm(len(members), generator=gen).tolist()]
-        val += order[:n_val]
-        train += order[n_val:]
-    return sorted(train), sorted(val)
+    if groups is not None and len(groups) != len(labels):
+        raise ValueError(f"{len(groups)} groups for {len(labels)} labels")
+    name = (lambda c: class_names[c] if class_names is not None else str(c))
+    # units: the groups in order of their first tile (a tile without a group is a unit of its own)
+    units: list[list[int]] = []
+    unit_of_group: dict[Hashable, int] = {}
+    for i in range(len(labels)):
+        g = groups[i] if groups is not None else None
+        if g is None or g not in unit_of_group:
+            if g is not None:
+                unit_of_group[g] = len(units)
+            units.append([i])
+        else:
+            units[unit_of_group[g]].append(i)
+    count: list[dict[int, int]] = []  # per unit: class -> tiles
+    units_of_class: dict[int, list[int]] = {}
+    for u, members in enumerate(units):
+        per: dict[int, int] = {}
+        for i in members:
+            per[int(labels[i])] = per.get(int(labels[i]), 0) + 1
+        count.append(per)
+        for c in per:
+            units_of_class.setdefault(c, []).append(u)
+    total = {c: sum(count[u][c] for u in us) for c, us in units_of_class.items()}
+    want = {c: max(min_per_class, int(round(fraction * n))) for c, n in total.items()}
+    for c in sorted(total):
+        if total[c] < want[c] + 1:
+            raise InputError(f"class {name(c)} has {total[c]} labeled tile(s); at least {want[c] + 1} are needed "
+                             f"({want[c]} for the validation split, 1 for training)")
+
+    in_val: set[int] = set()
+    val_count = {c: 0 for c in total}
+
+    def leaves_training(u: int) -> bool:  # every class of the unit keeps a tile outside val
+        return all(total[d] - val_count[d] - n >= 1 for d, n in count[u].items())
+
+    def excess(u: int) -> int:  # validation tiles beyond the share, over all classes, were the unit taken
+        return sum(max(0, val_count[d] + n - max(want[d], val_count[d])) for d, n in count[u].items())
+
+    def take(u: int) -> None:
+        in_val.add(u)
+        for d, n in count[u].items():
+            val_count[d] += n
+
+    for c in sorted(total):
+        free = [u for u in units_of_class[c] if u not in in_val]
+        order = [free[j] for j in torch.randperm(len(free), generator=gen).tolist()]
+        for u in order:  # groups that fit the remaining shares of all their classes, in the drawn order
+            if val_count[c] >= want[c]:
+                break
+            if excess(u) == 0 and leaves_training(u):
+                take(u)
+        while val_count[c] < want[c]:  # then the group that fills it with the least excess (else the largest)
+            rest = [u for u in order if u not in in_val and leaves_training(u)]
+            if not rest:
+                raise InputError(
+                    f"class {name(c)}: its {total[c]} labeled tile(s) lie in {len(units_of_class[c])} slide(s) or "
+                    f"group(s); {want[c]} must go to the validation split and at least 1 stay for training without "
+                    f"splitting a slide: add slides of this class or lower augment.min_val_per_class")
+            filling = [u for u in rest if val_count[c] + count[u][c] >= want[c]]
+            take(min(filling, key=lambda u: (excess(u), count[u][c])) if filling else
+                 max(rest, key=lambda u: (count[u][c], -excess(u))))
+    val = sorted(i for u in in_val for i in units[u])
+    chosen = set(val)
+    return [i for i in range(len(labels)) if i not in chosen], val
 
 
 # ------------------------------------------------------------------------------------------- training

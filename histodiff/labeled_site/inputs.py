@@ -120,6 +120,24 @@ def check_held_out(labeled: TileFolder, testset: TileFolder, data: Path, test: P
     log.warning("%s; going on because augment.allow_overlap is true: test metrics will be optimistic", what)
 
 
+def split_groups(groups: list[str | None], positions: list[int]) -> tuple[int, int]:
+    """(named groups, tiles without a group) among ``positions``."""
+    named = {groups[i] for i in positions if groups[i] is not None}
+    return len(named), sum(groups[i] is None for i in positions)
+
+
+def log_split_by_group(index: TileIndex, groups: list[str | None], train_idx: list[int], val_idx: list[int]) -> None:
+    """One line when the validation split was made by slide (some group holds more than one tile)."""
+    named = [g for g in groups if g is not None]
+    if len(set(named)) == len(named):
+        return  # every tile its own group: the per-tile split
+    (g_tr, loose_tr), (g_va, loose_va) = split_groups(groups, train_idx), split_groups(groups, val_idx)
+    loose = f" (+ {loose_tr} and {loose_va} tiles without one)" if loose_tr or loose_va else ""
+    log.info("validation split by slide (groups from %s): %d slide(s) with %d tiles for training, %d slide(s) with "
+             "%d tiles for validation%s; no slide on both sides", index.groups_source, g_tr, len(train_idx), g_va,
+             len(val_idx), loose)
+
+
 def load_inputs(cfg, data: Path, test: Path, model_dir: Path, work_dir: Path) -> LabeledInputs:
     info = check_model_dir(model_dir, cfg)
     size, pixels = cfg.tiles.image_size, cfg.tiles.max_image_pixels
@@ -134,7 +152,9 @@ def load_inputs(cfg, data: Path, test: Path, model_dir: Path, work_dir: Path) ->
         raise InputError(f"test folder {test} has other classes than {data}: "
                          f"only in training: {', '.join(only_train) or '-'}; only in test: {', '.join(only_test) or '-'}")
     a = cfg.augment
+    groups = labeled.groups  # slides or patients where the data says so: each stays on one side of the split
     train_idx, val_idx = carve_validation(labeled.labels, a.val_fraction, a.min_val_per_class, cfg.seed,
-                                          labeled.classes)
+                                          labeled.classes, groups=groups)
+    log_split_by_group(labeled.index, groups, train_idx, val_idx)
     check_held_out(labeled, testset, data, test, bool(a.allow_overlap))
     return LabeledInputs(labeled, testset, list(labeled.classes), train_idx, val_idx, info)

@@ -74,8 +74,12 @@ class Pipeline:
         self.train_plain = _tiles(self.inp, self.size, self.inp.train_idx, False)
         self.val = _tiles(self.inp, self.size, self.inp.val_idx, False)
         a = cfg.augment
-        self.base = digest(_fingerprint(self.inp.labeled), _fingerprint(self.inp.test), self.size, cfg.seed,
-                           a.val_fraction, a.min_val_per_class)
+        base = [_fingerprint(self.inp.labeled), _fingerprint(self.inp.test), self.size, cfg.seed, a.val_fraction,
+                a.min_val_per_class]
+        if any(g is not None for g in self.inp.labeled.groups):
+            # a split by slide: the groups decide it too (a per-tile split keeps the keys of earlier runs)
+            base.append({"split_groups": self.inp.labeled.groups})
+        self.base = digest(*base)
         self.model_fp = _model_fingerprint(model_dir)
         self.results: dict[str, Any] = {
             "classes": self.classes, "profile": cfg.profile, "image_size": self.size, "seed": cfg.seed,

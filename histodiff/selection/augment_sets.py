@@ -19,7 +19,11 @@ def setting_name(kind: str, ratio: float) -> str:
 
 
 def memorised(cfg, scores: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The memorisation guard: candidates too close to a real training tile, in features or in pixels."""
+    """The memorisation guard: candidates too close to a real labeled tile, in features or in pixels.
+
+    The distances (``candidate_features.score_features``) are to the nearest real tile of the training side or of
+    the validation split: a copy of a validation tile in the synthetic training set would leak that tile's slide
+    into training."""
     a = cfg.augment
     return (scores["feature_nn"] < a.feature_threshold) | (scores["pixel_nn"] < a.pixel_threshold)
 

@@ -1,5 +1,6 @@
-"""Selective augmentation (paper stage 5): real-only class centroids, a nearest-centroid + confidence filter,
-per-class quotas filled by distance rank, the random control, and a memorisation guard against real tiles.
+"""Selective augmentation (paper stage 5): class centroids of the real training tiles, a nearest-centroid +
+confidence filter, per-class quotas filled by distance rank, the random control, and a memorisation guard against
+real tiles.
 """
 
 from __future__ import annotations
@@ -92,7 +93,8 @@ def _fill(name: str, order_by_class: dict[int, list[int]], want: dict[int, int],
                 reasons.setdefault(i, f"passed the filter but beyond the quota of {want.get(c, 0)}")
                 continue
             if bool(memorised[i]):
-                reasons[i] = "dropped by the memorisation guard (too close to a real training tile)"
+                reasons[i] = ("dropped by the memorisation guard (too close to a real labeled tile, training or "
+                              "validation side)")
                 dropped += 1
                 continue
             chosen.append(i)
