@@ -1,5 +1,5 @@
 """Paper stage 0, the data: tile folders (image decoding ``images``, the verified and cached index
-``tile_index``, the torch dataset ``tile_dataset``), whole slides to tiles (``slide_*``), and procedural
+``tile_index``, labels and slides ``tile_labels``, the torch dataset ``tile_dataset``), whole slides to tiles (``slide_*``), and procedural
 phantom H&E tiles with per-site stain styles (``phantom_tissue``, ``stain``)."""
 
 from histodiff.data.images import to_uint8_image

@@ -1,15 +1,10 @@
 """The verified index of a tile folder: walk it (symlinks, loops, unreadable entries), read labels from class
 folders or a CSV, learn each tile's group (its slide or patient) where the data says it, check every image once,
-and cache the index and its report in the site's work directory.
-
-Groups, first source that knows the tile wins: a ``group`` column of the labels CSV; the ``slide`` column of a
-``manifest.csv`` at the folder's root (as ``python -m histodiff.slides`` writes it); the folder right below the
-class folder (``<class>/<slide>/.../tile.png``). A tile none of them knows is its own group. Groups are named, not
-namespaced by class: ``TUM/case7/`` and ``NORM/case7/`` are one slide, so its tiles stay on one side of a split."""
+and cache the index and its report in the site's work directory. Reading labels CSVs, slides manifests and
+each tile's group (slide or patient) is ``tile_labels``."""
 
 from __future__ import annotations
 
-import csv
 import errno
 import hashlib
 import json
@@ -20,6 +15,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from histodiff.data.images import IMAGE_EXTENSIONS, first_line, inspect_image
+from histodiff.data.tile_labels import assign_groups, read_labels_csv
 from histodiff.errors import InputError
 
 INDEX_FILE = "tile_index.json"
@@ -124,71 +120,6 @@ def _entry_problem(item: os.DirEntry) -> str | None:
     return None
 
 
-def _read_csv(csv_path: Path, root: Path) -> tuple[dict[str, str], dict[str, str]]:
-    """(relative tile path -> label, relative tile path -> group) from a ``path,label[,group]`` CSV; refuse missing
-    files up front. The optional ``group`` column names the tile's slide or patient; an empty cell: unknown."""
-    if not csv_path.is_file():
-        raise InputError(f"labels CSV {csv_path} does not exist or is not a file")
-    labels: dict[str, str] = {}
-    groups: dict[str, str] = {}
-    with open(csv_path, newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        fields = [f.strip().lower() for f in reader.fieldnames or []]
-        if "path" not in fields or "label" not in fields:
-            raise InputError(f"labels CSV {csv_path} needs a header 'path,label', found {','.join(fields) or 'none'}")
-        for line, row in enumerate(reader, start=2):
-            row = {k.strip().lower(): (v or "").strip() for k, v in row.items() if k is not None}
-            rel, label = row["path"].replace("\\", "/"), row["label"]
-            if not rel or not label:
-                raise InputError(f"labels CSV {csv_path} line {line}: empty path or label")
-            rel = os.path.normpath(rel).replace(os.sep, "/")
-            # a path that names a place outside the root is an error; a symlink that leads out is skipped later
-            if os.path.isabs(rel) or rel == ".." or rel.startswith("../"):
-                raise InputError(f"labels CSV {csv_path} line {line}: path {rel} lies outside the data folder {root}")
-            if labels.setdefault(rel, label) != label:
-                raise InputError(f"labels CSV {csv_path} gives {rel} two labels ({labels[rel]}, {label})")
-            group = row.get("group", "")
-            if group and groups.setdefault(rel, group) != group:
-                raise InputError(f"labels CSV {csv_path} gives {rel} two groups ({groups[rel]}, {group})")
-    if not labels:
-        raise InputError(f"labels CSV {csv_path} lists no tiles")
-    missing = [rel for rel in labels if not (root / rel).is_file()]
-    if missing:
-        raise InputError(
-            f"labels CSV {csv_path} names {len(missing)} file(s) missing under {root}, first: {missing[0]}"
-        )
-    return labels, groups
-
-
-def _read_slides_manifest(path: Path) -> dict[str, str]:
-    """Relative tile path -> slide from a tiled-slides ``manifest.csv`` (columns ``slide,path,...``).
-
-    Never fatal: a file of that name without those columns, or one that cannot be read, gives no groups (a warning
-    says why); rows without a slide or with a path outside the folder are left out."""
-    slides: dict[str, str] = {}
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            fields = [f.strip().lower() for f in reader.fieldnames or []]
-            if "slide" not in fields or "path" not in fields:
-                log.warning("%s has no 'slide' and 'path' columns (not a tiled-slides manifest); its tiles' slides "
-                            "are not known from it", path)
-                return {}
-            for row in reader:
-                row = {k.strip().lower(): (v or "").strip() for k, v in row.items() if k is not None}
-                rel, slide = row.get("path", "").replace("\\", "/"), row.get("slide", "")
-                if not rel or not slide:
-                    continue
-                rel = os.path.normpath(rel).replace(os.sep, "/")
-                if os.path.isabs(rel) or rel == ".." or rel.startswith("../"):
-                    continue
-                slides.setdefault(rel, slide)
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        log.warning("cannot read the slides manifest %s (%s); its tiles' slides are not known from it", path,
-                    first_line(exc))
-        return {}
-    return slides
-
 
 def _file_stamp(path: Path) -> list[Any]:
     """Size and mtime of a file that may not exist (for the cache fingerprint)."""
@@ -256,7 +187,7 @@ def scan_tiles(
     csv_groups: dict[str, str] = {}
     if labels_csv is not None:
         csv_path = Path(labels_csv).expanduser().resolve()
-        csv_labels, csv_groups = _read_csv(csv_path, root)
+        csv_labels, csv_groups = read_labels_csv(csv_path, root)
         files, refused = sorted(csv_labels), []
         source = f"csv:{csv_path}"
         st = csv_path.stat()
@@ -287,7 +218,7 @@ def scan_tiles(
         )
     else:
         index = _build(root, files, refused, csv_labels, source, labeled, max_image_pixels)
-        _assign_groups(index, csv_groups, labels_csv, manifest)
+        assign_groups(index, csv_groups, labels_csv, manifest)
         if cache is not None and work is not None:
             cache["indexes"][key] = {
                 "root": str(root),
@@ -364,30 +295,6 @@ def _build(
     return TileIndex(root=root, entries=entries, classes=classes, skipped=skipped, sizes=sizes,
                      labels_source=source)
 
-
-def _assign_groups(index: TileIndex, csv_groups: dict[str, str], labels_csv: str | Path | None,
-                   manifest: Path) -> None:
-    """Each entry's group: the CSV's ``group`` column, else the slides manifest's ``slide``, else (class folders)
-    the folder right below the class folder, else None (its own group)."""
-    slides = _read_slides_manifest(manifest) if manifest.is_file() else {}
-    from_folders = index.labels_source == "folders"
-    groups: list[str | None] = []
-    used: list[str] = []
-    for rel, _ in index.entries:
-        parts = PurePosixPath(rel).parts
-        if rel in csv_groups:
-            group, where = csv_groups[rel], f"csv:{Path(labels_csv).expanduser().resolve()}"
-        elif rel in slides:
-            group, where = slides[rel], f"manifest:{manifest}"
-        elif from_folders and len(parts) >= 3:  # <class>/<slide>/.../tile.png
-            group, where = parts[1], "folders"
-        else:
-            group, where = None, ""
-        groups.append(group)
-        if where and where not in used:
-            used.append(where)
-    index.groups = groups
-    index.groups_source = "+".join(used) or "none"
 
 
 def _report(index: TileIndex, n_files: int) -> dict[str, Any]:
