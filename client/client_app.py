@@ -19,7 +19,7 @@ from client import site_privacy, task
 from client.outbox import check_outgoing
 from wire import contract, downlink
 from wire.codec import ErrorFeedback, difference, from_record
-from wire.contract import ARRAYS_KEY, AUTOENCODER_KEY, CONFIG_KEY, METRICS_KEY, UNET_KEY
+from wire.contract import ARRAYS_KEY, AUTOENCODER_KEY, CONFIG_KEY, MEMORISATION_METRICS, METRICS_KEY, UNET_KEY
 from wire.secagg import RECORD_KEY, REPLY_FIELDS, STATS_SHAPES, WEIGHT_KEY, SecAggParams, SiteSecAgg
 from wire.settings import Settings
 
@@ -211,25 +211,47 @@ def latent_stats(message: Message, context: Context) -> Message:
     return _reply(message, content, {**STATS_SHAPES, WEIGHT_KEY: (1,)}, masked=True)
 
 
-@app.train("dm")
-def train_dm(message: Message, context: Context) -> Message:
-    start = time.time()
-    site, cfg, _ = _site(context)
-    _refuse_labeled(site)
-    conf = message.content[CONFIG_KEY]
-    digest = str(conf["lae-digest"])
+def _global_autoencoder(message: Message, site, cfg):
+    """The frozen global autoencoder of the DM phase: sent with the message (once per site) or the copy the site
+    keeps, checked against the server's digest."""
+    digest = str(message.content[CONFIG_KEY]["lae-digest"])
     if AUTOENCODER_KEY in message.content.array_records:
         ae_weights = from_record(message.content[AUTOENCODER_KEY])
         if task.cache_global_autoencoder(site, ae_weights) != digest:
             raise RuntimeError("the global autoencoder arrived corrupted (digest mismatch)")
     else:
         ae_weights = task.cached_global_autoencoder(site, digest)
-    autoencoder = contract.autoencoder_from(cfg, ae_weights)
+    return contract.autoencoder_from(cfg, ae_weights)
+
+
+@app.train("dm")
+def train_dm(message: Message, context: Context) -> Message:
+    start = time.time()
+    site, cfg, _ = _site(context)
+    _refuse_labeled(site)
+    conf = message.content[CONFIG_KEY]
+    autoencoder = _global_autoencoder(message, site, cfg)
     weights = _starting_point(message, site, "dm")
     secure = _secure_round(message, context, cfg)
     result = site_privacy.dm_round(cfg, task.load_dataset(cfg), site, int(conf["local-steps"]), weights, autoencoder,
                               float(conf["scale-factor"]), float(conf.get("proximal-mu", 0.0)))
     return _train_reply(message, cfg, site, "dm", result, weights, secure, start)
+
+
+@app.query("memorisation")
+def memorisation(message: Message, context: Context) -> Message:
+    """The memorisation check (strategies/memorisation_round.py): samples of the global model against this site's own
+    tiles; only the named counts and quantiles leave, never a sample, a tile, a feature or an index."""
+    start = time.time()
+    site, cfg, _ = _site(context)
+    _refuse_labeled(site)
+    conf = message.content[CONFIG_KEY]
+    autoencoder = _global_autoencoder(message, site, cfg)
+    unet = contract.unet_from(cfg, from_record(message.content[UNET_KEY]))
+    figures = task.memorisation_check(cfg, site, unet, autoencoder, float(conf["scale-factor"]), int(conf["samples"]),
+                                      int(conf["ddim-steps"]), float(conf["alpha"]), int(conf["seed"]))
+    content = RecordDict({METRICS_KEY: _metrics({**figures, "site-seconds": time.time() - start})})
+    return _reply(message, content, {}, metrics=MEMORISATION_METRICS)
 
 
 # ------------------------------------------------------------------ delivery (strategies/delivery.py)

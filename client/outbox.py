@@ -1,5 +1,6 @@
 """What leaves a site: only the current phase's model arrays (names and shapes), latent statistics, scalar metrics,
-and under secure aggregation the protocol's public keys, encrypted shares and masked (uint32) arrays.
+under secure aggregation the protocol's public keys, encrypted shares and masked (uint32) arrays, and from the
+memorisation check only its named counts and quantiles (``wire.contract.MEMORISATION_METRICS``).
 
 ``check_outgoing`` runs on every reply before the ClientApp returns it and raises instead of sending.
 """
@@ -17,14 +18,18 @@ class OutboxViolation(RuntimeError):
 
 
 def check_outgoing(content: RecordDict, allowed: dict[str, tuple[int, ...]], *, masked: bool = False,
-                   protocol: tuple[str, ...] = ()) -> None:
+                   protocol: tuple[str, ...] = (), metrics: tuple[str, ...] | None = None) -> None:
     """Raise ``OutboxViolation`` unless ``content`` holds only allowed arrays (``wire.contract.phase_shapes``) and
     scalar metrics.
 
     ``masked``: every array must be a SecAgg+ masked upload (uint32); ``protocol``: the fields a SecAgg+ stage
-    may send in its ``secagg`` record (public keys, ciphertexts, shares: bytes, integers, lists of them).
+    may send in its ``secagg`` record (public keys, ciphertexts, shares: bytes, integers, lists of them);
+    ``metrics``: the only metric names the reply may carry (a reply of figures, such as the memorisation check's).
     """
     for key, record in content.items():
+        if metrics is not None and key != METRICS_KEY:
+            raise OutboxViolation(f"record {key!r} ({type(record).__name__}) may not leave the site: this reply "
+                                  "carries figures only")
         if key == ARRAYS_KEY and isinstance(record, ArrayRecord):
             for name, array in record.items():
                 if name not in allowed:
@@ -42,5 +47,7 @@ def check_outgoing(content: RecordDict, allowed: dict[str, tuple[int, ...]], *, 
             for name, value in record.items():
                 if isinstance(value, list) or isinstance(value, bool) or not isinstance(value, (int, float)):
                     raise OutboxViolation(f"metric {name!r} is not a scalar; refusing to send")
+                if metrics is not None and name not in metrics:
+                    raise OutboxViolation(f"metric {name!r} is not one of this reply's figures; refusing to send")
         else:
             raise OutboxViolation(f"record {key!r} ({type(record).__name__}) may not leave the site")

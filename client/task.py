@@ -168,6 +168,39 @@ def cached_global_autoencoder(site: Site, digest: str) -> dict[str, torch.Tensor
     return load_state_dict_file(path)
 
 
+# ------------------------------------------------------------------ the memorisation check after the DM phase
+
+
+def memorisation_check(cfg, site: Site, unet, autoencoder, scale_factor: float, samples: int, ddim_steps: int,
+                       alpha: float, seed: int) -> dict[str, float]:
+    """Samples of the global model against this site's own tiles (``histodiff.privacy.memorisation``): the counts
+    and quantiles for the server; per-sample details and a grid of any near-copies stay in ``<state>/memorisation``."""
+    from histodiff.diffusion.noise_schedule import build_ddim
+    from histodiff.local_training.trainer_setup import on_gpu
+    from histodiff.privacy.memorisation import LOCAL_REPORT, check_memorisation, write_local_report
+
+    tiles = load_dataset(cfg, train=False)  # no flips: each tile once, as it is on disk
+    result = check_memorisation(unet, build_ddim(cfg.dm), autoencoder, scale_factor, tiles, samples, ddim_steps,
+                                alpha, seed, batch_size=cfg.tiles.batch_size,
+                                device="cuda" if on_gpu(cfg.train) else "cpu",
+                                sample_batch_size=cfg.augment.sample_batch_size)
+    path = write_local_report(result, site.state / LOCAL_REPORT, lambda i: _tile_name(tiles, i),
+                              lambda i: tiles[i][0])
+    f = result.figures
+    log.info("memorisation check at %s: %d of %d samples are near-copies of its %d tiles (feature %d, pixel %d); "
+             "details stay here: %s", site.name, f["near-copies"], f["samples"], f["tiles"], f["near-copies-feature"],
+             f["near-copies-pixel"], path.parent)
+    return f
+
+
+def _tile_name(tiles, position: int) -> str:
+    """A tile's path relative to its folder, for the site's own report (falls back to its position)."""
+    try:
+        return str(tiles.index.entries[tiles.positions[position]][0])
+    except (AttributeError, IndexError, KeyError, TypeError):
+        return str(position)
+
+
 # ------------------------------------------------------------------ deliver
 
 

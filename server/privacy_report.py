@@ -3,7 +3,8 @@
 Sources, all optional: the server's ledger (``privacy_ledger.json``: each site's reported epsilon per round,
 central-DP accounting), the run's ``metrics.jsonl`` (bytes each site sent per round), the sites' own
 accountants (``privacy_accountant.json``, readable where the sites' work directories are, e.g. simulation),
-and the labeled site's ``results.json`` (memorisation guard).
+the labeled site's ``results.json`` (memorisation guard), and the memorisation check at the sites that trained the
+DM (its ``metrics.jsonl`` line; ``memorisation_report.py``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from histodiff.privacy.accountant import ACCOUNTANT_FILE
+from server.memorisation_report import memorisation_check, memorisation_markdown
 
 from wire.contract import STATISTICS  # scalars a site sends besides arrays in each phase
 
@@ -138,15 +140,19 @@ def build_privacy_report(run_dir: str | Path, cfg=None, site_accountants: dict[s
         "central": ledger.get("central") or None,
         "egress": _egress(lines, _arrays_per_phase(cfg)),
         "never_leaves": ["tiles", "labels", "per-sample gradients", "optimizer state", "LPIPS network",
-                         "site accountant internals (only dp-* scalars are reported)"],
+                         "site accountant internals (only dp-* scalars are reported)",
+                         "the memorisation check's samples, features and nearest-tile indices (only its counts and "
+                         "quantiles)"],
         "memorisation_guard": _memorisation(labeled_results),
+        "memorisation_check": memorisation_check(lines, privacy),
     }
     return report
 
 
 def privacy_markdown(report: dict[str, Any]) -> str:
-    """The "Privacy" section of the run report."""
-    out = ["## Privacy", "", f"Mechanism: {report['mechanism']}.",
+    """The "Privacy" section of the run report (a memorisation flag first, where no one can miss it)."""
+    out = ["## Privacy", "", *memorisation_markdown(report.get("memorisation_check"), headline=True),
+           f"Mechanism: {report['mechanism']}.",
            f"Secure aggregation (SecAgg+): {'on' if report.get('secure_aggregation') else 'off'}.", ""]
     sec = report.get("secure_rounds")
     if sec:
@@ -193,6 +199,7 @@ def privacy_markdown(report: dict[str, Any]) -> str:
                 out.append(f"| {node} | {phase} | {p['rounds']} | {p['arrays']} | {p['statistics']} | {p['bytes'] / 1e6:.2f} |")
         out.append("")
     out.append("Never leaves a site: " + ", ".join(report["never_leaves"]) + ".")
+    out += ["", *memorisation_markdown(report.get("memorisation_check"))]
     for m in report["memorisation_guard"]:
         out += ["", f"Memorisation guard at the labeled site ({m['results']}): thresholds {m['thresholds']}, "
                 f"{m['candidates']} candidates; synthetic tiles dropped as too close to a real tile: "

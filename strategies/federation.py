@@ -1,9 +1,9 @@
-"""The federated pre-training run: phases lae -> latent-stats -> dm -> deliver, each round with a deadline and
-min-sites, streaming aggregation of the sites' updates, a checkpoint after every round, resume.
+"""The federated pre-training run: phases lae -> latent-stats -> dm -> memorisation -> deliver, each round with a
+deadline and min-sites, streaming aggregation of the sites' updates, a checkpoint after every round, resume.
 
-Helpers: ``collect`` (send, collect, note dropped sites), ``secure_rounds`` (SecAgg+ stages), ``delivery``
-(the labeled sites' pipelines), ``report`` (metrics lines), ``board`` (TensorBoard event files),
-``wire.downlink`` (what the sites hold).
+Helpers: ``collect`` (send, collect, note dropped sites), ``secure_rounds`` (SecAgg+ stages), ``memorisation``
+(the check at the sites that trained the DM), ``delivery`` (the labeled sites' pipelines), ``report`` (metrics
+lines), ``board`` (TensorBoard event files), ``wire.downlink`` (what the sites hold).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ class Federation:
     def __init__(self, grid: Grid, settings: Settings, cfg, emit: Callable[[str], None] | None = None):
         self.grid, self.s, self.cfg = grid, settings, cfg
         self.run_dir = Path(settings.run_dir)
-        self.plan = Plan(settings.lae_rounds, settings.dm_rounds, settings.deliver)
+        self.plan = Plan(settings.lae_rounds, settings.dm_rounds, settings.deliver, settings.memorisation_samples > 0)
         self.emit = emit or (lambda line: log.info(line))
         self.weights: dict[str, torch.Tensor] = {}  # the exact fp32 global model, every phase's arrays
         self.broadcast = {phase: Broadcast(settings.transfer_dtype) for phase in contract.TRAINING_PHASES}
@@ -97,7 +97,9 @@ class Federation:
             failing_since = None
             self._commit(line)
         self._privacy_report()
-        self.emit(f"federated run done: {self.run_dir}")
+        flagged = self.state.memorisation.get("flagged_sites") or []
+        self.emit(f"federated run done: {self.run_dir}" + (f" (MEMORISATION FLAGGED at site(s) {', '.join(flagged)}: "
+                                                         "see privacy.md)" if flagged else ""))
         return self.state
 
     def _privacy_report(self) -> None:
@@ -256,6 +258,10 @@ class Federation:
             return self._train_round(phase)
         if phase == "latent-stats":
             return self._stats_round()
+        if phase == "memorisation":
+            from strategies.memorisation_round import memorisation_round
+
+            return memorisation_round(self)
         if phase == "deliver":
             from strategies.delivery import deliver_round
 

@@ -36,6 +36,10 @@ def progress_line(line: dict) -> str:
         extra += f" max-site-epsilon={max(spent):.3g}"
     if line.get("privacy_central"):
         extra += f" central-epsilon={line['privacy_central'].get('epsilon', 0.0):.3g}"
+    if line.get("memorisation"):
+        from strategies.memorisation_round import short
+
+        extra += f" {short(line['memorisation'])}"
     if line.get("labeled_sites"):
         extra += f" labeled-site pipeline: {_pipelines(line['labeled_sites'])}"
     return (f"[fed] {line['phase']} round {line['round']}/{line['rounds']} (global {line['global_round']}): "

@@ -1,4 +1,5 @@
-"""The phase schedule lae -> latent-stats -> dm -> deliver -> done, and the server state that resumes it."""
+"""The phase schedule lae -> latent-stats -> dm -> memorisation -> deliver -> done, and the server state that
+resumes it. ``memorisation`` is the check at the sites that trained the DM (strategies/memorisation_round.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-PHASES = ("lae", "latent-stats", "dm", "deliver", "done")
+PHASES = ("lae", "latent-stats", "dm", "memorisation", "deliver", "done")
 STATE_FILE = "server_state.json"
 
 
@@ -16,9 +17,11 @@ class Plan:
     lae_rounds: int
     dm_rounds: int
     deliver: bool = True
+    memorisation: bool = False  # one check round after a DM phase (memorisation-samples > 0)
 
     def rounds(self, phase: str) -> int:
         return {"lae": self.lae_rounds, "latent-stats": 1, "dm": self.dm_rounds,
+                "memorisation": 1 if self.memorisation and self.dm_rounds > 0 else 0,
                 "deliver": 1 if self.deliver else 0, "done": 0}[phase]
 
 
@@ -35,6 +38,7 @@ class ServerState:
     declared: dict[str, int] = field(default_factory=dict)  # node id -> tiles it declared when it joined
     norm_reference: dict[str, float] = field(default_factory=dict)  # phase -> median update norm of its last round
     delivered: dict[str, int] = field(default_factory=dict)  # labeled nodes that took the global model -> bytes
+    memorisation: dict = field(default_factory=dict)  # the check's verdict: flagged, flagged_sites, rate, ...
     checkpoint: str | None = None  # folder of the last round's global weights, relative to the run dir
     status: str = "running"  # running | done | stopped
     message: str = ""

@@ -33,7 +33,8 @@ def _identity():
 def _run_config(tmp_path, **extra):
     rc = {"profile": "tiny", "overrides": OVERRIDES, "lae-rounds": 1, "dm-rounds": 2, "local-steps": 1,
           "min-sites": 2, "round-timeout": 300.0, "wait-timeout": 1.0, "poll": 0.05, "run-dir": str(tmp_path / "run"),
-          "work-root": str(tmp_path / "sites"), "phantom-per-class": 1, "labeled-partitions": "last", "augment": False}
+          "work-root": str(tmp_path / "sites"), "phantom-per-class": 1, "labeled-partitions": "last", "augment": False,
+          "memorisation-samples": 4, "memorisation-ddim-steps": 4}
     rc.update(extra)
     return rc
 

@@ -27,7 +27,8 @@ def _identity():
 def _run_config(tmp_path, **extra):
     rc = {"profile": "tiny", "overrides": OVERRIDES, "lae-rounds": 1, "dm-rounds": 1, "local-steps": 1,
           "min-sites": 2, "round-timeout": 300.0, "wait-timeout": 1.0, "poll": 0.05, "run-dir": str(tmp_path / "run"),
-          "work-root": str(tmp_path / "sites"), "phantom-per-class": 1, "labeled-partitions": "3", "augment": False}
+          "work-root": str(tmp_path / "sites"), "phantom-per-class": 1, "labeled-partitions": "3", "augment": False,
+          "memorisation-samples": 4, "memorisation-ddim-steps": 4}
     rc.update(extra)
     return rc
 
@@ -44,8 +45,9 @@ def test_full_schedule_with_a_failing_site(tmp_path):
     state = _federation(grid, rc, lines).run()
     assert state.status == "done" and state.scale_factor > 0
     metrics = read_metrics(tmp_path / "run")
-    assert [m["phase"] for m in metrics] == ["lae", "latent-stats", "dm", "deliver"]
-    assert all(m["sites_answered"] == 2 for m in metrics[:3]) and metrics[3]["sites_answered"] == 1
+    assert [m["phase"] for m in metrics] == ["lae", "latent-stats", "dm", "memorisation", "deliver"]
+    assert all(m["sites_answered"] == 2 for m in metrics[:4]) and metrics[4]["sites_answered"] == 1
+    assert metrics[3]["memorisation"]["verdict"] == "ok" and metrics[3]["memorisation"]["checked"] == 2
     # bf16 transfer: what a site sends is about half the fp32 model
     assert metrics[0]["bytes_received_per_site"]["10"] < 0.6 * metrics[1]["bytes_sent_per_site"]["10"] * 2
     info = json.loads((tmp_path / "run" / "global_model" / "model_info.json").read_text())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from histodiff.model_files import flat, load_part, part
+from histodiff.privacy.memorisation import FIGURES as MEMORISATION_FIGURES
 
 __all__ = ["flat", "load_part", "part"]  # the flat layout, from the science package
 
@@ -24,7 +25,10 @@ UNET_KEY = "unet"  # the delivered UNet
 PHASE_PARTS = {"lae": ("autoencoder", "discriminator"), "dm": ("unet",)}
 TRAINING_PHASES = tuple(PHASE_PARTS)
 # scalars a site sends besides arrays in each phase: name -> what it is (the privacy report lists them)
-STATISTICS = {"latent-stats": ["latent-sum", "latent-sum-sq", "latent-count", "num-examples"]}
+STATISTICS = {"latent-stats": ["latent-sum", "latent-sum-sq", "latent-count", "num-examples"],
+              "memorisation": list(MEMORISATION_FIGURES)}
+# the only metrics a memorisation-check reply may carry: counts and quantiles (never tiles, features or indices)
+MEMORISATION_METRICS = (*MEMORISATION_FIGURES, "site-seconds")
 
 
 def prefixes(phase: str) -> tuple[str, ...]:

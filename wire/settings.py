@@ -52,6 +52,11 @@ class Settings:
     augment: bool = True  # the labeled site runs its pipeline on delivery
     deliver_poll: float = 10.0  # seconds between status queries to a labeled site running its pipeline
     deliver_timeout: float = 7 * 24 * 3600.0  # seconds the server follows the labeled sites' pipelines
+    # after the DM phase every unlabeled site samples the global model and compares with its own tiles
+    memorisation_samples: int = 16  # unguided DDIM samples per site (the same at every site); 0: no check
+    memorisation_ddim_steps: int = 20
+    memorisation_alpha: float = 1 / 3  # near-copy: d(nearest tile) < alpha x d(second-nearest tile)
+    memorisation_max_rate: float = 0.0  # the run is flagged when a site's near-copy rate is above this
     poll: float = 0.5
     sites_root: str = ""  # simulation: real folders sites-root/siteN (and siteN-test for labeled sites)
     work_root: str = ""  # simulation: the sites' work folders (default run-dir/sites)
@@ -99,6 +104,13 @@ class Settings:
                                     f"expected one of {', '.join(allowed)}")
         if not 0 <= self.trim_fraction < 0.5 or self.norm_bound < 0 or self.max_examples < 1:
             raise SettingsError("run-config keys: trim-fraction must be in [0, 0.5), norm-bound >= 0, max-examples >= 1")
+        from histodiff.privacy.memorisation import MAX_SAMPLES
+
+        if not (0 <= self.memorisation_samples <= MAX_SAMPLES and self.memorisation_ddim_steps >= 1
+                and 0 < self.memorisation_alpha <= 1 and 0 <= self.memorisation_max_rate < 1):
+            raise SettingsError(f"run-config keys: memorisation-samples must be in [0, {MAX_SAMPLES}], "
+                                "memorisation-ddim-steps >= 1, memorisation-alpha in (0, 1], "
+                                "memorisation-max-rate in [0, 1)")
         if self.strategy == "fedprox" and self.proximal_mu <= 0:
             raise SettingsError("strategy fedprox needs run-config key 'proximal-mu' > 0")
         self.ema_decay(0.0)  # raises on a bad server-ema
@@ -120,6 +132,9 @@ class Settings:
                                 "server sees only their sum: use aggregator=mean")
         if p.dp and p.mode == "central" and self.aggregator != "mean":
             raise SettingsError("central DP calibrates its noise to the mean of clipped updates: use aggregator=mean")
+        if self.memorisation_samples and self.memorisation_ddim_steps > cfg.dm.num_train_timesteps:
+            raise SettingsError(f"run-config key 'memorisation-ddim-steps' = {self.memorisation_ddim_steps}: at most "
+                                f"dm.num_train_timesteps ({cfg.dm.num_train_timesteps})")
         if p.dp and p.mode == "local" and self.strategy == "fedprox":
             raise SettingsError("local DP-SGD (privacy.dp=true, mode=local) does not combine with strategy fedprox")
 

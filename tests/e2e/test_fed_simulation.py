@@ -31,8 +31,8 @@ def test_simulation_runtime_full_story(tmp_path):
     state = load_state(run_dir)
     assert state.status == "done" and state.scale_factor > 0
     metrics = read_metrics(run_dir)
-    assert [m["phase"] for m in metrics] == ["lae", "latent-stats", "dm", "deliver"]
-    assert [m["sites_answered"] for m in metrics] == [3, 3, 3, 1]
+    assert [m["phase"] for m in metrics] == ["lae", "latent-stats", "dm", "memorisation", "deliver"]
+    assert [m["sites_answered"] for m in metrics] == [3, 3, 3, 3, 1]
     assert metrics[-1]["labeled_sites"]  # only metrics came back from the labeled site
     info = json.loads((run_dir / "global_model" / "model_info.json").read_text())
     assert info["scale_factor"] == pytest.approx(state.scale_factor)
@@ -139,8 +139,8 @@ def test_flwr_run_local_simulation_with_project_defaults(tmp_path):
     state = load_state(run_dir)
     assert state is not None and state.status == "done", details
     metrics = read_metrics(run_dir)
-    assert [m["phase"] for m in metrics] == ["lae", "latent-stats", "dm", "deliver"]
-    assert [m["sites_answered"] for m in metrics] == [3, 3, 3, 1]
+    assert [m["phase"] for m in metrics] == ["lae", "latent-stats", "dm", "memorisation", "deliver"]
+    assert [m["sites_answered"] for m in metrics] == [3, 3, 3, 3, 1]
     (labeled,) = metrics[-1]["labeled_sites"].values()
     assert labeled["delivered"] == 1.0 and labeled["augment-ran"] == 0.0
     assert "[fed] dm round 1/1" in out
