@@ -241,16 +241,16 @@ class Pipeline:
         real_inc, real_y = scores["real_inception"], scores["real_labels"]
         fake_inc, fake_y = scores["fake_inception"], scores["target"]
         self.results["fid_all_candidates"] = fid_report(real_inc, real_y, fake_inc, fake_y, self.classes)
-        self.fid = {}
+        fid = {}
         for sel in selections:
             idx = torch.as_tensor(sel.indices, dtype=torch.long)
-            self.fid[sel.name] = fid_report(real_inc, real_y, fake_inc[idx], fake_y[idx], self.classes)
+            fid[sel.name] = fid_report(real_inc, real_y, fake_inc[idx], fake_y[idx], self.classes)
             if not sel.met:
                 log.warning("%s: quotas not met, short by %s (raise augment.candidates_factor or lower augment.tau)",
                             sel.name, {self.classes[c]: n for c, n in sel.shortfall.items() if n})
         self.results["selection"] = {"tau": a.tau, "feature_threshold": a.feature_threshold,
                                      "pixel_threshold": a.pixel_threshold, "candidates": len(records)}
-        return {"selections": selections}
+        return {"selections": selections, "fid": fid}
 
     # ------------------------------------------------------------------------------- stage 6
 
@@ -289,15 +289,15 @@ class Pipeline:
         from histodiff.evaluation.trained_classifiers import load_classifier
 
         seeds, where = self.cfg.augment.seeds, self.out / "baseline_classifier"
-        self.baseline_seeds = {str(s): self.train_downstream(stage, "baseline", s, [], None, where if s == seeds[0] else None)
+        seeds_metrics = {str(s): self.train_downstream(stage, "baseline", s, [], None, where if s == seeds[0] else None)
                                for s in seeds}
         model, meta = load_classifier(where)
-        return {"baseline": model, "baseline_size": meta["img_size"]}
+        return {"baseline": model, "baseline_size": meta["img_size"], "baseline_seeds": seeds_metrics}
 
-    def downstream(self, stage: Stage, selections, cand: TileFolder) -> dict[str, Any]:
-        settings: dict[str, dict] = {"baseline": {"seeds": self.baseline_seeds, "n_synthetic": 0, "fid": None, "kid": None}}
+    def downstream(self, stage: Stage, selections, fid: dict, baseline_seeds: dict, cand: TileFolder) -> dict[str, Any]:
+        settings: dict[str, dict] = {"baseline": {"seeds": baseline_seeds, "n_synthetic": 0, "fid": None, "kid": None}}
         for sel in selections:
-            report = self.fid[sel.name]
+            report = fid[sel.name]
             entry = {"seeds": {}, "n_synthetic": len(sel.indices), "fid": report["fid"], "kid": report["kid"],
                      "fid_report": report, "quota_met": sel.met, "memorised_dropped": sel.memorised,
                      "shortfall": {self.classes[c]: n for c, n in sel.shortfall.items() if n}}
