@@ -77,18 +77,13 @@ def confusion_png(confusion: list[list[int]], classes: list[str], title: str, pa
     return path
 
 
-def class_grid(real: torch.Tensor, synthetic: torch.Tensor, n: int, path: Path) -> Path:
-    """Top row real tiles, bottom row synthetic ones (blank where fewer than ``n`` exist)."""
-    from histodiff.diffusion.ddim_sampling import save_grid
+def class_grid(real: torch.Tensor, synthetic: torch.Tensor, n: int, path: Path, title: str | None = None) -> Path:
+    """Top row real tiles, bottom row synthetic ones (blank where fewer than ``n`` exist), each row labelled
+    "real" / "synthetic" in the image (``histodiff.evaluation.watch.labelled_grid``)."""
+    from histodiff.evaluation.watch import labelled_grid
 
-    size = real.shape[-1] if len(real) else synthetic.shape[-1]
-    blank = torch.ones(1, 3, size, size)
-
-    def row(x: torch.Tensor) -> torch.Tensor:
-        x = x[:n]
-        return torch.cat([x, blank.expand(n - len(x), -1, -1, -1)]) if len(x) < n else x
-
-    return save_grid(torch.cat([row(real), row(synthetic)]), path, nrow=n)
+    labelled_grid([("real", real[:n]), ("synthetic", synthetic[:n])], path, title=title, ncol=max(1, n))
+    return Path(path)
 
 
 def class_grids(labeled, cand, selections, classes: list[str], n: int, size: int, out: Path) -> None:
@@ -102,4 +97,5 @@ def class_grids(labeled, cand, selections, classes: list[str], n: int, size: int
                 [i for i in range(len(cand)) if cand.index.entries[i][1] == c]
         syn = [cand[i][0] for i in picks[:n]]
         empty = torch.empty(0, 3, size, size)
-        class_grid(torch.stack(real) if real else empty, torch.stack(syn) if syn else empty, n, out / f"{name}.png")
+        class_grid(torch.stack(real) if real else empty, torch.stack(syn) if syn else empty, n, out / f"{name}.png",
+                   title=name)

@@ -49,8 +49,17 @@ def load_autoencoder(run_dir: Path):
     return AutoencoderKL.from_pretrained(str(path)).eval()
 
 
+def _watch(cfg, run_dir: Path, phase: str, dataset):
+    """(training tiles, callbacks): with train.watch_every > 0, a WatchCallback writing to run_dir/watch/<phase>
+    (the fixed watch tiles are held out of training unless train.watch_data names a folder of their own)."""
+    from histodiff.evaluation.watch import WATCH_DIR, watch_callback
+
+    dataset, callback = watch_callback(cfg, phase, dataset, run_dir / WATCH_DIR / phase)
+    return dataset, [callback] if callback is not None else []
+
+
 def run_lae(cfg, run_dir: Path) -> None:
-    from histodiff.diffusion.ddim_sampling import save_grid
+    from histodiff.evaluation.watch import labelled_grid
     from histodiff.local_training.local_steps import train_lae_steps
     from histodiff.autoencoder.lae_module import LAEModule
     from histodiff.local_training.local_steps import load_lae_state
@@ -59,15 +68,17 @@ def run_lae(cfg, run_dir: Path) -> None:
     state_dir = run_dir / "lae"
     done = _done(state_dir)
     if cfg.train.steps > done:
-        result = train_lae_steps(cfg, dataset, state_dir, cfg.train.steps - done, loggers=make_loggers(run_dir, "lae", done),
-                                 ckpt_every=cfg.train.ckpt_every)
+        train, callbacks = _watch(cfg, run_dir, "lae", dataset)
+        result = train_lae_steps(cfg, train, state_dir, cfg.train.steps - done, loggers=make_loggers(run_dir, "lae", done),
+                                 ckpt_every=cfg.train.ckpt_every, callbacks=callbacks)
         log.info("LAE at step %d: %s", result.step, _fmt(result.metrics))
     else:
         log.info("LAE already at %d steps in %s (raise train.steps to continue)", cfg.train.steps, state_dir)
     module = LAEModule(cfg)
     load_lae_state(module, state_dir)
     x = torch.stack([dataset[i][0] for i in range(min(8, len(dataset)))])
-    grid = save_grid(torch.cat([x, module.reconstruct(x)]), state_dir / "reconstructions.png", nrow=len(x))
+    grid = state_dir / "reconstructions.png"
+    labelled_grid([("real", x), ("reconstructed", module.reconstruct(x))], grid)
     log.info("reconstructions (top: real, bottom: LAE) -> %s", grid)
 
 
@@ -95,8 +106,10 @@ def run_dm(cfg, run_dir: Path) -> None:
     state_dir = run_dir / "dm"
     done = _done(state_dir)
     if cfg.train.steps > done:
-        result = train_dm_steps(cfg, dataset, state_dir, cfg.train.steps - done, autoencoder, scale,
-                                loggers=make_loggers(run_dir, "dm", done), ckpt_every=cfg.train.ckpt_every)
+        train, callbacks = _watch(cfg, run_dir, "dm", dataset)
+        result = train_dm_steps(cfg, train, state_dir, cfg.train.steps - done, autoencoder, scale,
+                                loggers=make_loggers(run_dir, "dm", done), ckpt_every=cfg.train.ckpt_every,
+                                callbacks=callbacks)
         log.info("DM at step %d: %s", result.step, _fmt(result.metrics))
     else:
         log.info("DM already at %d steps in %s (raise train.steps to continue)", cfg.train.steps, state_dir)
