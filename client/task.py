@@ -5,8 +5,12 @@ Everything a site keeps between rounds lives under ``<work>/<run-name>/``, never
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from dataclasses import dataclass
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,6 +30,95 @@ class Site:
     state: Path  # <work>/<run-name>: this federated run's local state
     test: Path | None = None
     phantom: int | None = None  # phantom stain style to generate when no data folder is given
+
+
+def process_started() -> float:
+    """When this process was created (epoch seconds, from ``/proc``; 0.0 where there is none)."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        boot = next(float(x.split()[1]) for x in Path("/proc/stat").read_text().splitlines() if x.startswith("btime"))
+        return boot + float(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError, StopIteration):
+        return 0.0
+
+
+@dataclass
+class StageClock:
+    """Seconds per stage of one message at a site (receive, train, encode, ...), for one progress line and the
+    reply's ``seconds-<stage>`` metrics; ``clock-*`` metrics are wall-clock times (epoch seconds) of the handler's
+    start and of this process's creation, so a benchmark can split the round trip (``benchmarks.paper_round``)."""
+
+    label: str
+    start: float = field(default_factory=time.time)
+    seconds: dict = field(default_factory=dict)
+
+    @contextmanager
+    def stage(self, name: str):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t
+
+    def metrics(self) -> dict[str, float]:
+        created = process_started()
+        out = {f"seconds-{k}": float(v) for k, v in self.seconds.items()}
+        out.update({"clock-handler-start": self.start, "clock-reply": time.time()})
+        if created:
+            out["clock-process-created"] = created
+        log.info("%s: %s (process start %.1f s before the handler)", self.label,
+                 ", ".join(f"{k} {v:.2f} s" for k, v in self.seconds.items()), self.start - created if created else 0.0)
+        return out
+
+
+class StartingPoint:
+    """The global weights a round starts from, on disk while the site trains: the module holds its own copy, and
+    the round's update ``w - g`` reads ``g`` back one array at a time (``pop``), so a site never holds the model
+    twice besides its training state. ``weights``: the decoded arrays (emptied when training starts, see
+    ``release_callback``); ``path``: a safetensors file holding exactly them (written here unless ``written``)."""
+
+    def __init__(self, weights: dict[str, torch.Tensor], path: Path, written: bool = False):
+        from histodiff.model_files import save_state_dict_file
+
+        self.weights, self.path, self._file, self._own = weights, Path(path), None, not written
+        if not written:
+            save_state_dict_file(weights, self.path)
+
+    def _reader(self):
+        if self._file is None:
+            from safetensors import safe_open
+
+            self._file = safe_open(str(self.path), framework="pt")
+        return self._file
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weights or name in self._reader().keys()
+
+    def pop(self, name: str) -> torch.Tensor:
+        if name in self.weights:
+            return self.weights.pop(name)
+        return self._reader().get_tensor(name)
+
+    def clear(self) -> None:
+        """Done with it: the arrays go, and the file too when this object wrote it (a lossy dtype's copy stays)."""
+        self.weights.clear()
+        self._file = None
+        if self._own:
+            self.path.unlink(missing_ok=True)
+
+
+def release_callback(weights: dict | None):
+    """A Lightning callback that empties ``weights`` when the fit starts (the module has loaded them by then), so
+    the decoded global model is not held through training; None without weights."""
+    if weights is None:
+        return None
+    import lightning as L
+
+    class ReleaseStartingPoint(L.Callback):
+        def on_train_start(self, trainer, pl_module) -> None:
+            weights.clear()
+
+    return ReleaseStartingPoint()
 
 
 def _labeled_partitions(text, num_partitions) -> set[int]:
@@ -92,9 +185,30 @@ def site_from_context(node_config, settings) -> Site:
     return site
 
 
+# what a site may set for itself (env HISTODIFF_SITE_OVERRIDES): its hardware, never what the federation learns
+SITE_OVERRIDES_ENV = "HISTODIFF_SITE_OVERRIDES"
+SITE_KEYS = ("train.devices", "train.strategy", "train.accelerator", "train.precision", "train.channels_last",
+             "tiles.num_workers")
+
+
+def site_overrides() -> list[str]:
+    """The site's own overrides from ``HISTODIFF_SITE_OVERRIDES`` (e.g. ``train.devices=4 train.strategy=ddp`` on
+    a node with 4 GPUs); only ``SITE_KEYS`` are allowed."""
+    import shlex
+
+    words = shlex.split(os.environ.get(SITE_OVERRIDES_ENV, ""))
+    for word in words:
+        key = word.split("=", 1)[0].strip()
+        if "=" not in word or key not in SITE_KEYS:
+            raise ValueError(f"{SITE_OVERRIDES_ENV}: {word!r} is not one of this site's own settings "
+                             f"({', '.join(k + '=...' for k in SITE_KEYS)})")
+    return words
+
+
 def site_config(settings, site: Site):
-    """The site's model config: the run's overrides (``wire.settings.Settings``) and the site's own paths."""
-    return settings.compose([f"data={site.data}", f"work_dir={site.work}", f"run_dir={site.state}"])
+    """The site's model config: the run's overrides (``wire.settings.Settings``), the site's own hardware settings
+    (``site_overrides``) and its paths."""
+    return settings.compose([*site_overrides(), f"data={site.data}", f"work_dir={site.work}", f"run_dir={site.state}"])
 
 
 def ensure_phantom(cfg, site: Site, per_class: int, seed: int) -> None:
@@ -120,24 +234,90 @@ def load_dataset(cfg, train: bool = True):
     return tile_dataset_from_config(cfg, train=train)
 
 
-def lae_round(cfg, dataset, site: Site, steps: int, global_weights, mu: float = 0.0):
+def _timed_round(clock, train, progress):
+    """Run ``train()`` (a ``train_*_steps`` call); split its time into state load/save, the fit, and the rest
+    (``build``: the module, the trainer, moving weights in and out) on ``clock`` (a ``StageClock``) when given."""
+    from histodiff.local_training import local_steps
+
+    local_steps.STATE_SECONDS.clear()
+    t = time.perf_counter()
+    result = train()
+    total = time.perf_counter() - t
+    if clock is not None:
+        spent = dict(local_steps.STATE_SECONDS)
+        for k, v in spent.items():
+            clock.seconds[k] = clock.seconds.get(k, 0.0) + v
+        clock.seconds["train"] = clock.seconds.get("train", 0.0) + progress.seconds
+        clock.seconds["build"] = clock.seconds.get("build", 0.0) + max(0.0, total - progress.seconds - sum(spent.values()))
+    return result
+
+
+def _watch(cfg, dataset, site: Site, phase: str, steps: int):
+    """(training tiles, [WatchCallback]) with train.watch_every > 0: after the round's local steps, labelled PNGs
+    and FID/KID under ``<state>/watch/<phase>`` (the fixed watch tiles are held out of training there)."""
+    from histodiff.evaluation.watch import WATCH_DIR, watch_callback
+
+    dataset, callback = watch_callback(cfg, phase, dataset, site.state / WATCH_DIR / phase, round_steps=steps)
+    return dataset, [callback] if callback is not None else []
+
+
+def _with_watch(cfg, result, watch: list, clock=None):
+    """The round's figures (FID, KID, PSNR: numbers only, never a tile or an image) join the reply's metrics,
+    unless privacy is on (then they stay in the site's watch folder: no privacy accounting covers them); the
+    watch's seconds move from ``build`` to ``watch`` on ``clock``."""
+    if not watch or not watch[0].last:
+        return result
+    if not (cfg.privacy.dp or cfg.privacy.secagg):
+        result.metrics.update(watch[0].figures())
+    if clock is not None:
+        spent = sum(line["seconds"] for line in watch[0].history)
+        clock.seconds["watch"] = clock.seconds.get("watch", 0.0) + spent
+        clock.seconds["build"] = max(0.0, clock.seconds.get("build", 0.0) - spent)
+    return result
+
+
+def lae_round(cfg, dataset, site: Site, steps: int, global_weights, mu: float = 0.0, clock=None, release=False):
     from client.proximal import proximal_callbacks
     from client.round_progress import RoundProgress
     from histodiff.local_training.local_steps import train_lae_steps
 
-    return train_lae_steps(cfg, dataset, site.state / "lae", steps, init_weights=global_weights, progress=False,
-                           callbacks=[*proximal_callbacks(mu, "lae", cfg.lae.share_discriminator),
-                                      RoundProgress(total=steps, label=f"{site.name} lae")])
+    progress = RoundProgress(total=steps, label=f"{site.name} lae")
+    dataset, watch = _watch(cfg, dataset, site, "lae", steps)
+    result = _timed_round(clock, lambda: train_lae_steps(
+        cfg, dataset, site.state / "lae", steps, init_weights=global_weights, progress=False,
+        callbacks=[*proximal_callbacks(mu, "lae", cfg.lae.share_discriminator), progress, *watch,
+                   *_released(global_weights, release)]), progress)
+    return _with_watch(cfg, result, watch, clock)
 
 
-def dm_round(cfg, dataset, site: Site, steps: int, global_weights, autoencoder, scale_factor: float, mu: float = 0.0):
+def _released(weights, release: bool) -> list:
+    """``[release_callback(weights)]`` when ``release`` (the caller keeps the starting point on disk), else []."""
+    return [release_callback(weights)] if release and weights is not None else []
+
+
+def dm_round(cfg, dataset, site: Site, steps: int, global_weights, autoencoder, scale_factor: float, mu: float = 0.0,
+             clock=None, release=False):
     from client.proximal import proximal_callbacks
     from client.round_progress import RoundProgress
     from histodiff.local_training.local_steps import train_dm_steps
 
-    return train_dm_steps(cfg, dataset, site.state / "dm", steps, autoencoder, scale_factor,
-                          init_weights=global_weights, progress=False,
-                          callbacks=[*proximal_callbacks(mu, "dm"), RoundProgress(total=steps, label=f"{site.name} dm")])
+    progress = RoundProgress(total=steps, label=f"{site.name} dm")
+    dataset, watch = _watch(cfg, dataset, site, "dm", steps)
+    from histodiff.model_files import no_weight_init
+
+    def train():
+        # the UNet is built, then loaded whole (strict) from the global weights: its random initialisation, many
+        # seconds of CPU at the paper's size, is skipped (nothing else in the DM module is drawn; a watch callback
+        # may build models of its own, so not with one)
+        skip = global_weights is not None and not watch
+        with no_weight_init() if skip else contextlib.nullcontext():
+            return train_dm_steps(cfg, dataset, site.state / "dm", steps, autoencoder, scale_factor,
+                                  init_weights=global_weights, progress=False,
+                                  callbacks=[*proximal_callbacks(mu, "dm"), progress, *watch,
+                                             *_released(global_weights, release)])
+
+    result = _timed_round(clock, train, progress)
+    return _with_watch(cfg, result, watch, clock)
 
 
 def latent_stats(cfg, dataset, autoencoder):

@@ -78,6 +78,7 @@ class DMConfig:
     ddim_steps: int = 200
     eta: float = 0.0
     guidance_scale: float = 1.0
+    batch_size: Optional[int] = None  # tiles per DM train step; null: tiles.batch_size (the DM wants larger batches)
 
 
 @dataclass
@@ -121,12 +122,21 @@ class TrainConfig:
     log_every: int = 10
     ckpt_every: int = 500
     accelerator: str = "auto"
+    # a site's devices: auto (every GPU, else one CPU process), N, or GPU ids "0,1"; several: one DDP process each,
+    # started by the site itself (histodiff/local_training/site_ddp.py), tiles.batch_size split over them
     devices: str = "auto"
-    strategy: str = "auto"
+    strategy: str = "auto"  # auto | ddp: several devices always train with DDP (the same update as one device)
     precision: str = "auto"  # auto: bf16-mixed on GPUs that support it, else 32-true
     channels_last: bool = True
     grad_clip: float = 0.0
     progress: bool = True
+    # learning you can watch (histodiff/evaluation/watch.py): 0 = off; N = every N steps (single site) or, when > 0,
+    # after the local steps of every federated round: labelled PNGs (real / reconstructed / synthetic) + FID/KID
+    watch_every: int = 0
+    watch_tiles: int = 32  # the fixed set: held out of the site's tiles (or from watch_data); FID/KID reference
+    watch_grid: int = 8  # tiles per row in the watch PNGs
+    watch_ddim_steps: int = 10  # DDIM steps of the watch samples (fixed generator seed = seed)
+    watch_data: Optional[str] = None  # a folder of tiles to watch on instead of holding out the site's own
 
 
 @dataclass
@@ -256,6 +266,12 @@ def _check_ranges(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if not (value >= 0 and math.isfinite(value)):
             raise ConfigError(f"config key '{key}' must be >= 0, got {value}")
+    if cfg.dm.batch_size is not None and not cfg.dm.batch_size > 0:
+        raise ConfigError(f"config key 'dm.batch_size' must be positive or null (= tiles.batch_size), got {cfg.dm.batch_size}")
+    if cfg.dm.batch_size not in (None, cfg.tiles.batch_size) and cfg.privacy.dp and cfg.privacy.mode == "local":
+        raise ConfigError("config key 'dm.batch_size' must be null with DP-SGD (privacy.dp, mode=local): it samples both "
+                          "phases at one rate (tiles.batch_size / tiles), which its accountant fixes for the run")
+    _check_watch(cfg.train, cfg.dm)
     for key, low, high, closed in _RANGES:
         value = OmegaConf.select(cfg, key)
         if not (low <= value <= high if closed else low <= value < high):
@@ -292,12 +308,66 @@ def _check_ranges(cfg: DictConfig) -> None:
                           f"[0, dm.num_train_timesteps) = [0, {cfg.dm.num_train_timesteps})")
 
 
+def _check_watch(train, dm) -> None:
+    """The watch keys (histodiff/evaluation/watch.py), with what each means in the message."""
+    if not train.watch_every >= 0:
+        raise ConfigError(f"config key 'train.watch_every' must be >= 0 (0 = off; N = watch every N steps, or every "
+                          f"federated round when > 0), got {train.watch_every}")
+    if not train.watch_tiles >= 2:
+        raise ConfigError(f"config key 'train.watch_tiles' must be >= 2 (FID and KID need 2 tiles), got {train.watch_tiles}")
+    if not 1 <= train.watch_grid <= train.watch_tiles:
+        raise ConfigError(f"config key 'train.watch_grid' must be in [1, train.watch_tiles = {train.watch_tiles}], "
+                          f"got {train.watch_grid}")
+    if not 1 <= train.watch_ddim_steps <= dm.num_train_timesteps:
+        raise ConfigError(f"config key 'train.watch_ddim_steps' must be in [1, dm.num_train_timesteps = "
+                          f"{dm.num_train_timesteps}], got {train.watch_ddim_steps}")
+
+
+DDP_STRATEGIES = ("auto", "ddp")
+
+
+def parse_devices(value) -> str | int | list[int]:
+    """``train.devices``: ``auto``, a positive number of devices, or device ids ``"0,1"``; ConfigError otherwise."""
+    text = str(value).strip()
+    if text == "auto":
+        return "auto"
+    if text.isdigit() and int(text) >= 1:
+        return int(text)
+    parts = [p.strip() for p in text.strip("[]").split(",")]
+    if "," in text and all(p.isdigit() for p in parts) and len(set(parts)) == len(parts):
+        return [int(p) for p in parts]
+    raise ConfigError(f"config key 'train.devices' must be auto, a positive number of devices or device ids such as "
+                      f"\"0,1\", got {text!r}")
+
+
+def _check_devices(cfg: DictConfig) -> None:
+    """train.devices / train.strategy: a site's several devices (histodiff/local_training/site_ddp.py)."""
+    train = cfg.train
+    if train.strategy not in DDP_STRATEGIES:
+        raise ConfigError(f"config key 'train.strategy' is {train.strategy!r}; expected one of "
+                          f"{', '.join(DDP_STRATEGIES)} (several train.devices always train with DDP, in processes "
+                          "the site starts itself)")
+    devices = parse_devices(train.devices)
+    count = len(devices) if isinstance(devices, list) else devices
+    if count == "auto" or count == 1:
+        return
+    batches = {"tiles.batch_size": cfg.tiles.batch_size, "dm.batch_size": OmegaConf.select(cfg, "dm.batch_size")}
+    for key, batch in batches.items():
+        if batch is not None and batch % count:
+            raise ConfigError(f"config key '{key}' ({batch}) must be a multiple of train.devices ({count}): each "
+                              "device trains on an equal share of every batch")
+    if cfg.privacy.dp and cfg.privacy.mode == "local":
+        raise ConfigError(f"train.devices={count} with DP-SGD (privacy.dp, mode=local): DP-SGD trains in one process; "
+                          "set train.devices=1")
+
+
 def _validate(cfg: DictConfig) -> None:
     for key, allowed in _CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
             raise ConfigError(f"config key '{key}' is {value!r}; expected one of {', '.join(allowed)}")
     _check_ranges(cfg)
+    _check_devices(cfg)
     if len(cfg.dm.unet.attention_levels) != len(cfg.dm.unet.block_out_channels):
         raise ConfigError("dm.unet.attention_levels must have one entry per dm.unet.block_out_channels level")
     if len(cfg.latent_classifier.attention_levels) != len(cfg.latent_classifier.block_out_channels):

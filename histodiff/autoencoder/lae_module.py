@@ -8,6 +8,7 @@ from torchmetrics.aggregation import MeanMetric
 
 from histodiff.autoencoder.lae_loss import build_lae_loss
 from histodiff.autoencoder.kl_autoencoder import build_autoencoder
+from histodiff.diffusion.dm_module import cuda_fused, keep_fused
 
 
 class LAEModule(L.LightningModule):
@@ -29,20 +30,30 @@ class LAEModule(L.LightningModule):
 
     def configure_optimizers(self):
         lae = self.cfg.lae
-        opt_g = torch.optim.Adam(self.autoencoder.parameters(), lr=lae.lr, betas=tuple(lae.betas))
-        opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=lae.lr, betas=tuple(lae.betas))
-        if self.optimizer_state:
-            opt_g.load_state_dict(self.optimizer_state[0])
-            opt_d.load_state_dict(self.optimizer_state[1])
-        return [opt_g, opt_d]
+        opts = []
+        for i, module in enumerate((self.autoencoder, self.discriminator)):
+            params = list(module.parameters())
+            fused = cuda_fused(params)  # the fused Adam kernel on CUDA
+            opt = torch.optim.Adam(params, lr=lae.lr, betas=tuple(lae.betas), fused=fused)
+            if self.optimizer_state:
+                opt.load_state_dict(self.optimizer_state[i])
+                keep_fused(opt, fused)
+            opts.append(opt)
+        return opts
 
-    def _common_step(self, x: torch.Tensor, sample: bool = True):
+    def _common_step(self, x: torch.Tensor, sample: bool = True, keys: torch.Tensor | None = None):
         posterior = self.autoencoder.encode(x).latent_dist
-        z = posterior.sample() if sample else posterior.mode()
+        if sample and keys is not None:  # each tile's draw from its key (local_training.sample_keys)
+            from histodiff.local_training.sample_keys import POSTERIOR, keyed_normal
+
+            eps = keyed_normal(keys, POSTERIOR, posterior.mean.shape[1:], posterior.mean.device, posterior.mean.dtype)
+            z = posterior.mean + posterior.std * eps
+        else:
+            z = posterior.sample() if sample else posterior.mode()
         return self.autoencoder.decode(z).sample, posterior
 
-    def generator_step(self, x: torch.Tensor, opt_g) -> tuple[torch.Tensor, dict]:
-        x_hat, posterior = self._common_step(x)
+    def generator_step(self, x: torch.Tensor, opt_g, keys: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        x_hat, posterior = self._common_step(x, keys=keys)
         last_layer = self.autoencoder.decoder.conv_out.weight
         loss, logs = self.loss.generator_loss(x, x_hat, posterior, self.step, last_layer=last_layer)
         opt_g.zero_grad(set_to_none=True)
@@ -66,9 +77,11 @@ class LAEModule(L.LightningModule):
             torch.nn.utils.clip_grad_norm_(module.parameters(), self.cfg.train.grad_clip)
 
     def training_step(self, batch, batch_idx):
+        from histodiff.local_training.sample_keys import batch_keys
+
         x = batch[0]
         opt_g, opt_d = self.optimizers()
-        x_hat, logs = self.generator_step(x, opt_g)
+        x_hat, logs = self.generator_step(x, opt_g, batch_keys(batch))
         logs.update(self.discriminator_step(x, x_hat, opt_d))
         self.step += 1
         self.record(logs)

@@ -22,20 +22,48 @@ def eps_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "l2") -> torc
 
 
 def build_dm_optimizer(unet, dm_cfg, saved: dict | None = None):
-    """AdamW with a linear warm-up (per step), restored from ``saved`` when the site has trained before."""
-    opt = torch.optim.AdamW(unet.parameters(), lr=dm_cfg.lr, weight_decay=dm_cfg.weight_decay)
+    """AdamW with a linear warm-up (per step), restored from ``saved`` when the site has trained before.
+
+    On CUDA the fused AdamW kernel is used (one launch for all parameters); elsewhere torch's default."""
+    params = list(unet.parameters())
+    fused = cuda_fused(params)
+    opt = torch.optim.AdamW(params, lr=dm_cfg.lr, weight_decay=dm_cfg.weight_decay, fused=fused)
     warmup = max(1, dm_cfg.warmup_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
     if saved:
         opt.load_state_dict(saved["optimizer"])
         sched.load_state_dict(saved["scheduler"])
+        keep_fused(opt, fused)
     return opt, sched
 
 
-def diffusion_loss(eps_model, noise_scheduler, z0: torch.Tensor, kind: str) -> torch.Tensor:
-    """Paper eq. 3: the noise-prediction loss at t ~ U{0..T-1}; ``eps_model(z_t, t)`` returns the predicted noise."""
-    noise = torch.randn_like(z0)
-    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (z0.shape[0],), device=z0.device)
+def cuda_fused(params) -> bool | None:
+    """``fused=True`` for torch's Adam/AdamW when every parameter is on a CUDA device, else the default."""
+    params = list(params)
+    return True if params and all(p.is_cuda for p in params) else None
+
+
+def keep_fused(opt: torch.optim.Optimizer, fused: bool | None) -> None:
+    """A loaded optimizer state carries the saving run's ``fused`` flag: use this device's choice instead."""
+    for group in opt.param_groups:
+        group["fused"] = fused
+        if fused:
+            group["foreach"] = None
+
+
+def diffusion_loss(eps_model, noise_scheduler, z0: torch.Tensor, kind: str, keys: torch.Tensor | None = None) -> torch.Tensor:
+    """Paper eq. 3: the noise-prediction loss at t ~ U{0..T-1}; ``eps_model(z_t, t)`` returns the predicted noise.
+
+    ``keys``: one per latent (``local_training.sample_keys``): noise and timestep drawn from the latent's key
+    instead of the process's random stream (the same draws on one device or several)."""
+    if keys is None:
+        noise = torch.randn_like(z0)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (z0.shape[0],), device=z0.device)
+    else:
+        from histodiff.local_training.sample_keys import NOISE, TIMESTEP, keyed_normal, keyed_randint
+
+        noise = keyed_normal(keys, NOISE, z0.shape[1:], z0.device, z0.dtype)
+        t = keyed_randint(keys, TIMESTEP, noise_scheduler.config.num_train_timesteps, z0.device)
     return eps_loss(eps_model(noise_scheduler.add_noise(z0, noise, t), t).float(), noise.float(), kind)
 
 
@@ -70,15 +98,23 @@ class DMModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     @torch.no_grad()
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return self.autoencoder.encode(x).latent_dist.sample() * self.scale_factor
+    def encode(self, x: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
+        posterior = self.autoencoder.encode(x).latent_dist
+        if keys is None:
+            return posterior.sample() * self.scale_factor
+        from histodiff.local_training.sample_keys import POSTERIOR, keyed_normal
 
-    def _common_step(self, x: torch.Tensor) -> torch.Tensor:
-        return diffusion_loss(lambda zt, t: self.unet(zt, t).sample, self.noise_scheduler, self.encode(x),
-                              self.cfg.dm.loss)
+        eps = keyed_normal(keys, POSTERIOR, posterior.mean.shape[1:], posterior.mean.device, posterior.mean.dtype)
+        return (posterior.mean + posterior.std * eps) * self.scale_factor
+
+    def _common_step(self, x: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
+        return diffusion_loss(lambda zt, t: self.unet(zt, t).sample, self.noise_scheduler, self.encode(x, keys),
+                              self.cfg.dm.loss, keys)
 
     def training_step(self, batch, batch_idx):
-        loss = self._common_step(batch[0])
+        from histodiff.local_training.sample_keys import batch_keys
+
+        loss = self._common_step(batch[0], batch_keys(batch))
         self.log("loss", loss, prog_bar=True, logger=False)
         return loss
 

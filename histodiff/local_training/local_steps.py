@@ -7,7 +7,9 @@ federated client runs every round in a fresh process.
 
 from __future__ import annotations
 
+import functools
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from histodiff.local_training.trainer_setup import (
     step_loader,
 )
 from histodiff.diffusion.dm_module import DMModule
+from histodiff.local_training import site_ddp
 from histodiff.autoencoder.lae_module import LAEModule
 
 log = logging.getLogger(__name__)
@@ -39,7 +42,27 @@ class LocalResult:
 
 # ---------------------------------------------------------------- state directories
 
+# seconds spent loading and saving site state since the caller last cleared it (a federated round reports them)
+STATE_SECONDS: dict[str, float] = {}
 
+
+def _timed(stage: str):
+    def wrap(fn):
+        @functools.wraps(fn)
+        def timed(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                took = time.perf_counter() - t
+                STATE_SECONDS[stage] = STATE_SECONDS.get(stage, 0.0) + took
+                log.info("%s (%s) took %.2f s", fn.__name__, args[1] if len(args) > 1 else "", took)
+        return timed
+    return wrap
+
+
+
+@_timed("state-save")
 def save_lae_state(module: LAEModule, state_dir: Path, optimizers=None, weights: bool = True) -> None:
     """Step and optimiser state, and the models unless ``weights`` is false (a federated round: the server holds
     the shared ones and sends them each round; a discriminator that is not shared stays and is saved)."""
@@ -55,6 +78,7 @@ def save_lae_state(module: LAEModule, state_dir: Path, optimizers=None, weights:
     })
 
 
+@_timed("state-load")
 def load_lae_state(module: LAEModule, state_dir: Path, weights: bool = True) -> bool:
     """The state ``save_lae_state`` wrote; with ``weights`` false, what it wrote without them."""
     state = load_state_file(Path(state_dir))
@@ -73,6 +97,7 @@ def load_lae_state(module: LAEModule, state_dir: Path, weights: bool = True) -> 
     return True
 
 
+@_timed("state-save")
 def save_dm_state(module: DMModule, state_dir: Path, optimizer=None, scheduler=None, weights: bool = True) -> None:
     """Step, optimiser and (single-site) EMA state, and the UNet unless ``weights`` is false (a federated round)."""
     state_dir = Path(state_dir)
@@ -87,6 +112,7 @@ def save_dm_state(module: DMModule, state_dir: Path, optimizer=None, scheduler=N
     save_state_file(state_dir, state)
 
 
+@_timed("state-load")
 def load_dm_state(module: DMModule, state_dir: Path, weights: bool = True) -> bool:
     state = load_state_file(Path(state_dir))
     if state is None:
@@ -147,6 +173,11 @@ def lae_shared_weights(module: LAEModule, include_discriminator: bool) -> dict[s
 # ---------------------------------------------------------------- local steps
 
 
+def dm_batch_size(cfg) -> int:
+    """Tiles per DM step: ``dm.batch_size``, or ``tiles.batch_size`` when it is null."""
+    return int(cfg.dm.batch_size or cfg.tiles.batch_size)
+
+
 def train_lae_steps(
     cfg,
     dataset,
@@ -158,7 +189,14 @@ def train_lae_steps(
     progress: bool | None = None,
     callbacks: list | None = None,
 ) -> LocalResult:
-    """Run ``steps`` LAE steps from the state in ``state_dir`` (fresh when empty) and save it back."""
+    """Run ``steps`` LAE steps from the state in ``state_dir`` (fresh when empty) and save it back.
+
+    Several ``train.devices``: one process per device (``site_ddp``), the same result as one device."""
+    if site_ddp.wants_ranks(cfg.train):
+        return site_ddp.launch(train_lae_steps, (cfg, dataset, state_dir, steps),
+                               dict(init_weights=init_weights, loggers=loggers, ckpt_every=ckpt_every, progress=progress,
+                                    callbacks=callbacks), cfg.train, state_dir)
+    seed_everything(cfg.seed)  # what a new module draws (fresh weights, a random LPIPS backbone): the same on every rank
     module = LAEModule(cfg)
     from_global = init_weights is not None  # a federated round: the weights come from the server, not the disk
     resumed = load_lae_state(module, state_dir, weights=not from_global)
@@ -173,8 +211,11 @@ def train_lae_steps(
     def save(trainer, pl_module):
         save_lae_state(pl_module, state_dir, trainer.optimizers, weights=not from_global)
 
-    trainer = make_trainer(cfg.train, steps, loggers, [StateCheckpoint(state_dir, ckpt_every, save), *(callbacks or [])], progress)
-    loader = step_loader(dataset, cfg.tiles.batch_size, steps, cfg.seed + module.step, cfg.tiles.num_workers)
+    # the discriminator's step does not reach the autoencoder (nor, before disc_start, the generator's the discriminator)
+    trainer = make_trainer(cfg.train, steps, loggers, [StateCheckpoint(state_dir, ckpt_every, save), *(callbacks or [])],
+                           progress, find_unused=True)
+    loader = step_loader(dataset, cfg.tiles.batch_size, steps, cfg.seed + module.step, cfg.tiles.num_workers,
+                         *site_ddp.current(), keyed=True)
     trainer.fit(module, loader)
     module = module.cpu()
     if trainer.is_global_zero:
@@ -200,8 +241,15 @@ def train_dm_steps(
     progress: bool | None = None,
     callbacks: list | None = None,
 ) -> LocalResult:
-    """Run ``steps`` DM steps (encoder frozen, latents scaled by the global ``scale_factor``)."""
+    """Run ``steps`` DM steps (encoder frozen, latents scaled by the global ``scale_factor``).
+
+    Several ``train.devices``: one process per device (``site_ddp``), the same result as one device."""
+    if site_ddp.wants_ranks(cfg.train):
+        return site_ddp.launch(train_dm_steps, (cfg, dataset, state_dir, steps, autoencoder, scale_factor),
+                               dict(init_weights=init_weights, loggers=loggers, ckpt_every=ckpt_every, progress=progress,
+                                    callbacks=callbacks), cfg.train, state_dir)
     from_global = init_weights is not None  # a federated round: the server keeps the EMA (of the global model)
+    seed_everything(cfg.seed)  # what a new module draws (fresh weights): the same on every rank
     module = DMModule(cfg, autoencoder, scale_factor, ema=not from_global)
     resumed = load_dm_state(module, state_dir, weights=not from_global)
     if from_global:
@@ -216,7 +264,8 @@ def train_dm_steps(
                       weights=not from_global)
 
     trainer = make_trainer(cfg.train, steps, loggers, [StateCheckpoint(state_dir, ckpt_every, save), *(callbacks or [])], progress)
-    loader = step_loader(dataset, cfg.tiles.batch_size, steps, cfg.seed + module.step, cfg.tiles.num_workers)
+    loader = step_loader(dataset, dm_batch_size(cfg), steps, cfg.seed + module.step, cfg.tiles.num_workers,
+                         *site_ddp.current(), keyed=True)
     trainer.fit(module, loader)
     module = module.cpu()
     if module.ema is not None:

@@ -9,28 +9,94 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "training_state.pt"
 
 
-def step_loader(dataset: Dataset, batch_size: int, steps: int, seed: int, num_workers: int = 0) -> DataLoader:
-    """A loader that yields exactly ``steps`` full batches (several shuffled passes when needed)."""
+def step_loader(dataset: Dataset, batch_size: int, steps: int, seed: int, num_workers: int = 0, rank: int = 0,
+                world: int = 1, keyed: bool = False) -> DataLoader:
+    """A loader that yields exactly ``steps`` full batches (several shuffled passes when needed).
+
+    ``rank``/``world``: a site training on several devices (``site_ddp``); each of the ``world`` processes gets its
+    contiguous ``batch_size / world`` tiles of every global batch of ``batch_size``, so the global batches (and the
+    effective batch) are those of one process. ``keyed``: batches are ``(images, labels, keys)`` with each tile's key
+    (``sample_keys``), and a tile's flips come from its key, not from the process's random stream.
+    """
     if len(dataset) == 0:
         raise ValueError("cannot train on an empty dataset")
-    generator = torch.Generator().manual_seed(seed)
-    sampler = RandomSampler(dataset, replacement=False, num_samples=steps * batch_size, generator=generator)
+    if world == 1 and not keyed:
+        generator = torch.Generator().manual_seed(seed)
+        sampler = RandomSampler(dataset, replacement=False, num_samples=steps * batch_size, generator=generator)
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            num_workers=num_workers,
+            drop_last=True,
+            persistent_workers=False,
+            pin_memory=torch.cuda.is_available(),
+        )
+    if batch_size % world:
+        raise ValueError(f"a batch of {batch_size} tiles cannot be split evenly over {world} devices "
+                         "(tiles.batch_size and dm.batch_size must be multiples of train.devices)")
     return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=sampler,
+        KeyedTiles(dataset) if keyed else dataset,
+        batch_size=batch_size // world,
+        sampler=GlobalBatchShard(dataset, batch_size, steps, seed, rank, world, keyed),
         num_workers=num_workers,
         drop_last=True,
         persistent_workers=False,
         pin_memory=torch.cuda.is_available(),
     )
+
+
+class GlobalBatchShard(Sampler):
+    """Rank ``rank``'s part of each global batch of one shuffled stream (the order ``RandomSampler`` gives with
+    ``seed``): tiles ``[rank * b, (rank + 1) * b)`` of every batch of ``batch_size``, ``b = batch_size / world``.
+    With ``keyed`` it yields ``(key, index)`` pairs, the key from the seed and the tile's place in the stream."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, steps: int, seed: int, rank: int, world: int, keyed: bool):
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} outside a world of {world}")
+        self.dataset, self.batch_size, self.steps, self.seed = dataset, batch_size, steps, seed
+        self.rank, self.world, self.keyed = rank, world, keyed
+
+    def __len__(self) -> int:
+        return self.steps * (self.batch_size // self.world)
+
+    def __iter__(self):
+        from histodiff.local_training.sample_keys import mix
+
+        generator = torch.Generator().manual_seed(self.seed)
+        order = list(RandomSampler(self.dataset, replacement=False, num_samples=self.steps * self.batch_size,
+                                   generator=generator))
+        part = self.batch_size // self.world
+        for step in range(self.steps):
+            start = step * self.batch_size + self.rank * part
+            for position in range(start, start + part):
+                yield (mix(self.seed, position), order[position]) if self.keyed else order[position]
+
+
+class KeyedTiles(Dataset):
+    """``dataset[index]`` with its key appended; the item's random augmentation is seeded by the key."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        from histodiff.local_training.sample_keys import AUGMENT, mix
+
+        key, index = item
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(mix(key, AUGMENT))
+            sample = self.dataset[index]
+        return (*sample, key) if isinstance(sample, (tuple, list)) else (sample, key)
 
 
 def resolve_precision(precision: str, accelerator: str = "auto") -> str:
@@ -60,19 +126,38 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
 
 
-def make_trainer(train_cfg, steps: int, loggers: list | bool = False, callbacks: list | None = None, progress: bool | None = None):
-    """A Lightning Trainer that runs one pass over a ``step_loader`` (exactly ``steps`` batches)."""
+def make_trainer(train_cfg, steps: int, loggers: list | bool = False, callbacks: list | None = None,
+                 progress: bool | None = None, find_unused: bool = False):
+    """A Lightning Trainer that runs one pass over a ``step_loader`` (exactly ``steps`` batches).
+
+    In a rank that ``site_ddp`` started, it trains with Lightning's DDP strategy over the site's devices (the ranks
+    exist already, as under torchrun; gloo on CPU, NCCL plus gloo for CPU tensors on GPUs, BatchNorm synchronised
+    on GPUs);
+    ``find_unused``: DDP looks for parameters a backward pass did not reach (the LAE's two optimisers). Anywhere
+    else it trains on one device (the first of ``train.devices``): only the local LAE/DM steps use several.
+    """
     import lightning as L
 
+    from histodiff.local_training import site_ddp
+
     quiet_libraries()
-    devices: Any = train_cfg.devices
-    if isinstance(devices, str) and devices.isdigit():
-        devices = int(devices)
+    rank, world = site_ddp.current()
+    if world > 1:
+        from lightning.fabric.plugins.environments import LightningEnvironment
+        from lightning.pytorch.strategies import DDPStrategy
+
+        backend = "cpu:gloo,cuda:nccl" if site_ddp.uses_cuda(train_cfg) else "gloo"
+        strategy: Any = DDPStrategy(cluster_environment=LightningEnvironment(), find_unused_parameters=find_unused,
+                                    process_group_backend=backend)
+        devices: Any = site_ddp.lightning_devices(train_cfg, world)
+    else:
+        strategy, devices = "auto", site_ddp.lightning_devices(train_cfg, 1)
     show = train_cfg.progress if progress is None else progress
     return L.Trainer(
         accelerator=train_cfg.accelerator,
         devices=devices,
-        strategy=train_cfg.strategy,
+        strategy=strategy,
+        sync_batchnorm=world > 1 and site_ddp.uses_cuda(train_cfg),  # torch's SyncBatchNorm is GPU-only
         precision=resolve_precision(train_cfg.precision, train_cfg.accelerator),
         max_epochs=1,
         limit_train_batches=steps,
@@ -83,7 +168,7 @@ def make_trainer(train_cfg, steps: int, loggers: list | bool = False, callbacks:
         enable_model_summary=False,
         num_sanity_val_steps=0,
         log_every_n_steps=max(1, int(getattr(train_cfg, "log_every", 1))),  # modules self.log at their global step
-        use_distributed_sampler=True,
+        use_distributed_sampler=False,  # step_loader shards the global batches itself (same effective batch)
     )
 
 
