@@ -18,7 +18,7 @@ from flwr.clientapp import ClientApp
 from client import site_privacy, task
 from client.outbox import check_outgoing
 from wire import contract, downlink
-from wire.codec import ErrorFeedback, difference, from_record
+from wire.codec import ErrorFeedback, from_record
 from wire.contract import ARRAYS_KEY, AUTOENCODER_KEY, CONFIG_KEY, MEMORISATION_METRICS, METRICS_KEY, UNET_KEY
 from wire.secagg import RECORD_KEY, REPLY_FIELDS, STATS_SHAPES, WEIGHT_KEY, SecAggParams, SiteSecAgg
 from wire.settings import Settings
@@ -108,32 +108,53 @@ def _masked(cfg, secure: SiteSecAgg, update: dict, stats: bool = False):
     return record, {"secagg-clipped": clipped / max(total, 1)}
 
 
-def _starting_point(message: Message, site, phase: str) -> dict:
-    """The global arrays of ``phase`` this round starts from (a lossy dtype keeps a copy for the next delta)."""
+def _starting_point(message: Message, site, phase: str) -> tuple[dict, task.StartingPoint]:
+    """The global arrays of ``phase`` this round starts from (a lossy dtype keeps a copy for the next delta), and
+    the same on disk for the update at the end (the lossy dtypes' copy, else a file of this round)."""
     conf = message.content[CONFIG_KEY]
     held = site.state / f"global_{phase}.safetensors" if str(conf["transfer-dtype"]) != "fp32" else None
-    return downlink.receive(message.content[ARRAYS_KEY], conf, held)
+    weights = downlink.receive(message.content[ARRAYS_KEY], conf, held)
+    del message.content[ARRAYS_KEY]  # decoded: the received bytes (one model) are not kept through training
+    kept = held is not None and downlink.DIGEST_KEY in conf  # receive() wrote exactly these weights there
+    return weights, task.StartingPoint(weights, held if kept else site.state / f"start_{phase}.safetensors", kept)
 
 
-def _train_reply(message: Message, cfg, site, phase: str, result, global_weights: dict, secure, start: float) -> Message:
+def _update_in_place(weights: dict, base: dict) -> dict:
+    """``wire.codec.difference(weights, base)`` computed in the trained weights' own memory (they are not used
+    again), emptying ``base`` as it goes: no third copy of the model at the end of a round."""
+    for name in list(weights):
+        v = weights[name]
+        if v.is_floating_point() and name in base:
+            weights[name] = v.float().sub_(base.pop(name).float())
+    base.clear()
+    return weights
+
+
+def _train_reply(message: Message, cfg, site, phase: str, result, global_weights, secure, start: float,
+                 clock: task.StageClock | None = None) -> Message:
     """The site's update ``w - g``: clipped under central DP, then in the transfer dtype with error feedback, or
     under SecAgg+ masked (integer buffers such as BatchNorm's batch counter stay at the global value then)."""
     conf = message.content[CONFIG_KEY]
+    clock = clock or task.StageClock(f"{site.name} {phase}")
     metrics = {**result.metrics, "num-examples": result.num_examples, "step": result.step}
-    update = difference(result.weights, global_weights)
-    del result.weights
-    update, clip_metrics = site_privacy.clip_update(cfg, update, _clipping_norm(conf))
-    metrics.update(clip_metrics)
-    allowed = contract.phase_shapes(cfg, phase)
-    if secure is None:
-        codec = ErrorFeedback(str(conf["transfer-dtype"]), site.state / f"residual_{phase}.safetensors")
-        arrays, _ = codec.encode(update)
-    else:
-        arrays, extra = _masked(cfg, secure, {k: v for k, v in update.items() if v.is_floating_point()})
-        metrics.update(extra)
-        allowed = {**allowed, WEIGHT_KEY: (1,)}
+    with clock.stage("encode"):
+        import gc
+
+        gc.collect()  # the trainer's reference cycles: its optimiser state goes now, before the update is encoded
+        update = _update_in_place(result.weights, global_weights)
+        del result.weights
+        update, clip_metrics = site_privacy.clip_update(cfg, update, _clipping_norm(conf))
+        metrics.update(clip_metrics)
+        allowed = contract.phase_shapes(cfg, phase)
+        if secure is None:
+            codec = ErrorFeedback(str(conf["transfer-dtype"]), site.state / f"residual_{phase}.safetensors")
+            arrays, _ = codec.encode(update)
+        else:
+            arrays, extra = _masked(cfg, secure, {k: v for k, v in update.items() if v.is_floating_point()})
+            metrics.update(extra)
+            allowed = {**allowed, WEIGHT_KEY: (1,)}
     content = RecordDict({ARRAYS_KEY: arrays,
-                          METRICS_KEY: _metrics({**metrics, "site-seconds": time.time() - start})})
+                          METRICS_KEY: _metrics({**metrics, **clock.metrics(), "site-seconds": time.time() - start})})
     return _reply(message, content, allowed, masked=secure is not None)
 
 
@@ -175,13 +196,16 @@ def train_lae(message: Message, context: Context) -> Message:
     start = time.time()
     site, cfg, _ = _site(context)
     _refuse_labeled(site)
+    clock = task.StageClock(f"{site.name} lae", start)
     conf = message.content[CONFIG_KEY]
-    weights = _starting_point(message, site, "lae")
+    with clock.stage("receive"):
+        weights, base = _starting_point(message, site, "lae")
     secure = _secure_round(message, context, cfg)  # SecAgg+: shares decrypted before any training
     # DP-SGD under local DP (a budget refusal raises: an error reply with a one-line reason), else task.lae_round
     result = site_privacy.lae_round(cfg, task.load_dataset(cfg), site, int(conf["local-steps"]), weights,
-                               float(conf.get("proximal-mu", 0.0)))
-    return _train_reply(message, cfg, site, "lae", result, weights, secure, start)
+                                    float(conf.get("proximal-mu", 0.0)), clock=clock, release=True)
+    del weights
+    return _train_reply(message, cfg, site, "lae", result, base, secure, start, clock)
 
 
 @app.query("latent_stats")
@@ -214,14 +238,18 @@ def latent_stats(message: Message, context: Context) -> Message:
 def _global_autoencoder(message: Message, site, cfg):
     """The frozen global autoencoder of the DM phase: sent with the message (once per site) or the copy the site
     keeps, checked against the server's digest."""
+    from histodiff.model_files import no_weight_init
+
     digest = str(message.content[CONFIG_KEY]["lae-digest"])
     if AUTOENCODER_KEY in message.content.array_records:
         ae_weights = from_record(message.content[AUTOENCODER_KEY])
+        del message.content[AUTOENCODER_KEY]
         if task.cache_global_autoencoder(site, ae_weights) != digest:
             raise RuntimeError("the global autoencoder arrived corrupted (digest mismatch)")
     else:
         ae_weights = task.cached_global_autoencoder(site, digest)
-    return contract.autoencoder_from(cfg, ae_weights)
+    with no_weight_init():  # every weight is loaded (strict) right after: no random draw to throw away
+        return contract.autoencoder_from(cfg, ae_weights)
 
 
 @app.train("dm")
@@ -229,13 +257,17 @@ def train_dm(message: Message, context: Context) -> Message:
     start = time.time()
     site, cfg, _ = _site(context)
     _refuse_labeled(site)
+    clock = task.StageClock(f"{site.name} dm", start)
     conf = message.content[CONFIG_KEY]
-    autoencoder = _global_autoencoder(message, site, cfg)
-    weights = _starting_point(message, site, "dm")
+    with clock.stage("receive"):
+        autoencoder = _global_autoencoder(message, site, cfg)
+        weights, base = _starting_point(message, site, "dm")
     secure = _secure_round(message, context, cfg)
     result = site_privacy.dm_round(cfg, task.load_dataset(cfg), site, int(conf["local-steps"]), weights, autoencoder,
-                              float(conf["scale-factor"]), float(conf.get("proximal-mu", 0.0)))
-    return _train_reply(message, cfg, site, "dm", result, weights, secure, start)
+                                   float(conf["scale-factor"]), float(conf.get("proximal-mu", 0.0)), clock=clock,
+                                   release=True)
+    del weights
+    return _train_reply(message, cfg, site, "dm", result, base, secure, start, clock)
 
 
 @app.query("memorisation")

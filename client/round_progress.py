@@ -53,6 +53,7 @@ class RoundProgress(L.Callback):
         self._log = logger or log
         self.steps = self.tiles = 0
         self.start = self.next = 0.0
+        self.seconds = 0.0  # the fit's wall time, from its start to its end
 
     def _total(self, trainer) -> int | None:
         if self.total:
@@ -74,7 +75,9 @@ class RoundProgress(L.Callback):
             self._say(trainer, now)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        self._say(trainer, time.monotonic(), done=True)
+        now = time.monotonic()
+        self.seconds = now - self.start
+        self._say(trainer, now, done=True)
 
     def line(self, trainer, now: float, done: bool = False) -> str:
         elapsed = max(now - self.start, 1e-9)

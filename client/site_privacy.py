@@ -28,12 +28,12 @@ def _no_prox(mu: float) -> None:
         raise ValueError("FedProx (proximal-mu > 0) is not combined with local DP-SGD here; use strategy=fedavg")
 
 
-def lae_round(cfg, dataset, site, steps: int, global_weights, mu: float = 0.0):
+def lae_round(cfg, dataset, site, steps: int, global_weights, mu: float = 0.0, clock=None, release=False):
     """One LAE round at ``site``: DP-SGD when privacy.dp and mode=local (accountant in ``site.state``)."""
     if not local_dp(cfg):
         from client import task
 
-        return task.lae_round(cfg, dataset, site, steps, global_weights, mu)
+        return task.lae_round(cfg, dataset, site, steps, global_weights, mu, clock=clock, release=release)
     from histodiff.privacy.dp_train import dp_train_lae_steps
 
     _no_prox(mu)
@@ -41,11 +41,13 @@ def lae_round(cfg, dataset, site, steps: int, global_weights, mu: float = 0.0):
                               accountant_dir=site.state, site=site.name)
 
 
-def dm_round(cfg, dataset, site, steps: int, global_weights, autoencoder, scale_factor: float, mu: float = 0.0):
+def dm_round(cfg, dataset, site, steps: int, global_weights, autoencoder, scale_factor: float, mu: float = 0.0,
+             clock=None, release=False):
     if not local_dp(cfg):
         from client import task
 
-        return task.dm_round(cfg, dataset, site, steps, global_weights, autoencoder, scale_factor, mu)
+        return task.dm_round(cfg, dataset, site, steps, global_weights, autoencoder, scale_factor, mu, clock=clock,
+                             release=release)
     from histodiff.privacy.dp_train import dp_train_dm_steps
 
     _no_prox(mu)

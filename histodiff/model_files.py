@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -71,6 +72,82 @@ def save_pretrained_atomic(model, directory: Path) -> None:
         tmp.replace(directory)
 
 
+_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
+                   "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_", "sparse_")
+
+
+@contextmanager
+def no_weight_init():
+    """Build modules without drawing their random initial weights (``torch.nn.init`` does nothing inside), for
+    modules whose every parameter is loaded right after (strict ``load_state_dict``): a paper-size UNet's random
+    initialisation costs many seconds of CPU per message. Parameters hold uninitialised memory until loaded."""
+    import torch.nn.init as init
+
+    saved = {name: getattr(init, name) for name in _INIT_FUNCTIONS}
+    try:
+        for name in _INIT_FUNCTIONS:
+            setattr(init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(init, name, fn)
+
+
+def save_pretrained_state(model, state: dict[str, torch.Tensor], directory: Path) -> None:
+    """What ``save_pretrained_atomic(model)`` writes for a diffusers model holding ``state`` (its config.json and
+    ``diffusion_pytorch_model.safetensors``), from the flat tensors, without building the model's weights: ``model``
+    only gives the config and may live on the ``meta`` device. Written to a temporary folder, then swapped in."""
+    import shutil
+
+    from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
+
+    directory = Path(directory)
+    tmp = directory.with_name(directory.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    model.save_config(str(tmp))
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp / SAFETENSORS_WEIGHTS_NAME),
+              metadata={"format": "pt"})
+    if directory.exists():
+        old = directory.with_name(directory.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        directory.replace(old)
+        tmp.replace(directory)
+        shutil.rmtree(old)
+    else:
+        tmp.replace(directory)
+
+
+def export_global_weights(out: Path, cfg, weights: dict[str, torch.Tensor], scale_factor: float) -> Path:
+    """``export_global_model`` from the flat ``autoencoder.*`` / ``unet.*`` arrays, without building the models'
+    weights (the same files: diffusers layout, scheduler, ``model_info.json``)."""
+    from histodiff.autoencoder.kl_autoencoder import build_autoencoder
+    from histodiff.diffusion.noise_schedule import build_noise_scheduler
+    from histodiff.diffusion.unet import build_unet
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with torch.device("meta"):
+        autoencoder, unet = build_autoencoder(cfg.lae), build_unet(cfg)
+    autoencoder.register_to_config(scaling_factor=float(scale_factor))
+    save_pretrained_state(autoencoder, part(weights, "autoencoder"), out / "autoencoder")
+    save_pretrained_state(unet, part(weights, "unet"), out / "unet")
+    build_noise_scheduler(cfg.dm).save_pretrained(str(out / "scheduler"))
+    (out / MODEL_INFO).write_text(json.dumps(_model_info(cfg, scale_factor), indent=2))
+    return out
+
+
+def _model_info(cfg, scale_factor: float) -> dict:
+    return {
+        "profile": cfg.profile,
+        "image_size": cfg.tiles.image_size,
+        "latent_channels": cfg.lae.latent_channels,
+        "scale_factor": float(scale_factor),
+    }
+
+
 def export_global_model(out: Path, cfg, autoencoder, unet, scale_factor: float) -> Path:
     """Write a self-contained model folder: autoencoder/, unet/, scheduler/ and model_info.json.
 
@@ -85,13 +162,7 @@ def export_global_model(out: Path, cfg, autoencoder, unet, scale_factor: float) 
     save_pretrained_atomic(autoencoder, out / "autoencoder")
     save_pretrained_atomic(unet, out / "unet")
     build_noise_scheduler(cfg.dm).save_pretrained(str(out / "scheduler"))
-    info = {
-        "profile": cfg.profile,
-        "image_size": cfg.tiles.image_size,
-        "latent_channels": cfg.lae.latent_channels,
-        "scale_factor": float(scale_factor),
-    }
-    (out / MODEL_INFO).write_text(json.dumps(info, indent=2))
+    (out / MODEL_INFO).write_text(json.dumps(_model_info(cfg, scale_factor), indent=2))
     return out
 
 

@@ -66,9 +66,14 @@ class StreamingMean:
         self.total += weight
         self.count += 1
 
-    def mean(self) -> dict[str, torch.Tensor]:
+    def mean(self, in_place: bool = False) -> dict[str, torch.Tensor]:
+        """The weighted mean; ``in_place``: divided in the sums' own memory (this accumulator is done then)."""
         if self.count == 0:
             raise ValueError("no replies to average")
+        if in_place:
+            out = {k: (v.div_(self.total) if v.is_floating_point() else v) for k, v in self.sums.items()}
+            self.sums, self.count = {}, 0
+            return out
         return {k: (v / self.total if v.is_floating_point() else v.clone()) for k, v in self.sums.items()}
 
 
@@ -105,7 +110,7 @@ class RobustAggregate:
         self.updates.append(update)
         self.count += 1
 
-    def mean(self) -> dict[str, torch.Tensor]:
+    def mean(self, in_place: bool = False) -> dict[str, torch.Tensor]:
         if not self.updates:
             raise ValueError("no replies to aggregate")
         out = {}

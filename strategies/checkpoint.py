@@ -22,30 +22,43 @@ def save_round(run_dir: Path, name: str, cfg, weights: dict[str, torch.Tensor],
     """Write the global weights and strategy state of one round; returns the folder relative to ``run_dir``."""
     from safetensors.torch import save_file
 
-    from histodiff.model_files import save_pretrained_atomic, save_state_dict_file
     from histodiff.autoencoder.kl_autoencoder import build_autoencoder
     from histodiff.diffusion.unet import build_unet
+    from histodiff.model_files import save_pretrained_state, save_state_dict_file
 
     rel = f"checkpoints/{name}"
     out = Path(run_dir) / rel
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
+    # diffusers layout written straight from the flat tensors: the models are built on the meta device for their
+    # config only (building a paper-size UNet's weights and copying them in cost more than writing them)
     ae = part(weights, "autoencoder")
     if ae:
-        model = build_autoencoder(cfg.lae)
-        model.load_state_dict(ae, strict=True)
-        save_pretrained_atomic(model, out / "autoencoder")
+        with torch.device("meta"):
+            model = build_autoencoder(cfg.lae)
+        _check_names(model, ae, "autoencoder")
+        save_pretrained_state(model, ae, out / "autoencoder")
     disc = part(weights, "discriminator")
     if disc:
         save_state_dict_file(disc, out / "discriminator.safetensors")
     unet = part(weights, "unet")
     if unet:
-        model = build_unet(cfg)
-        model.load_state_dict(unet, strict=True)
-        save_pretrained_atomic(model, out / "unet")
+        with torch.device("meta"):
+            model = build_unet(cfg)
+        _check_names(model, unet, "unet")
+        save_pretrained_state(model, unet, out / "unet")
     save_file({k: v.contiguous() for k, v in strategy_state.items()}, str(out / "strategy.safetensors"))
     return rel
+
+
+def _check_names(model: torch.nn.Module, state: dict[str, torch.Tensor], name: str) -> None:
+    """The flat arrays are exactly the model's state dict (names and shapes), as a strict load would check."""
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    if own != got:
+        bad = sorted(set(own) ^ set(got)) or [k for k in own if own[k] != got[k]]
+        raise ValueError(f"{name} arrays do not fit the model: {bad[:3]}")
 
 
 def load_round(run_dir: Path, rel: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -86,8 +99,6 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def export_model(run_dir: Path, cfg, weights: dict[str, torch.Tensor], scale_factor: float) -> Path:
     """The deliverable: ``run_dir/global_model`` (autoencoder/, unet/, scheduler/, model_info.json)."""
-    from histodiff.model_files import export_global_model
-    from wire.contract import autoencoder_from, unet_from
+    from histodiff.model_files import export_global_weights
 
-    return export_global_model(Path(run_dir) / "global_model", cfg, autoencoder_from(cfg, weights),
-                               unet_from(cfg, weights), scale_factor)
+    return export_global_weights(Path(run_dir) / "global_model", cfg, weights, scale_factor)

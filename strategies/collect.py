@@ -32,6 +32,16 @@ class Collected:
     dropped: dict[int, str] = field(default_factory=dict)  # node -> why it was left out
     sent: dict[int, int] = field(default_factory=dict)  # bytes of arrays sent to each site
     received: dict[int, int] = field(default_factory=dict)  # bytes of arrays received from each site
+    pushed: float = 0.0  # when the messages were handed to the grid (epoch seconds)
+    push_seconds: float = 0.0  # how long handing them over took (serialising and uploading to the SuperLink)
+    arrived: dict[int, float] = field(default_factory=dict)  # when each reply was pulled (epoch seconds)
+    take_seconds: dict[int, float] = field(default_factory=dict)  # checking and aggregating each reply
+
+    def timeline(self) -> dict:
+        """The round trip's clock times for ``metrics.jsonl`` (``benchmarks.paper_round`` splits a round with them)."""
+        return {"pushed": self.pushed, "push_seconds": round(self.push_seconds, 3),
+                "arrived": {str(k): v for k, v in self.arrived.items()},
+                "take_seconds": {str(k): round(v, 3) for k, v in self.take_seconds.items()}}
 
     def require(self, needed: int) -> None:
         if len(self.answered) < needed:
@@ -92,14 +102,19 @@ def collect(grid: Grid, messages: list[Message], timeout: float, poll: float,
     out.sent = {m.metadata.dst_node_id: sum(r.count_bytes() for r in m.content.array_records.values())
                 for m in messages}
     waiting = WaitLog(_what(messages), len(messages), WAIT_LOG_EVERY if every is None else every, say or log.info)
+    out.pushed = time.time()
     trip = RoundTrip(grid, messages, timeout, poll, tick=waiting)
+    out.push_seconds = time.time() - out.pushed
+    log.info("%s: %d message(s) pushed in %.2f s", _what(messages), len(messages), out.push_seconds)
     messages.clear()  # the grid holds them now: one copy of each model in memory, not two
     for node, reply in trip:
+        out.arrived[node] = time.time()
         try:
             if reply.has_error():
                 raise RuntimeError(reason(reply))
             out.received[node] = int(take(node, reply) or 0)
             out.answered.append(node)
+            out.take_seconds[node] = time.time() - out.arrived[node]
         except (RuntimeError, KeyError, ValueError, TypeError, ReplyMismatch) as exc:
             out.dropped[node] = str(exc)
             if refused is not None:

@@ -294,6 +294,7 @@ class Federation:
                 content[RECORD_KEY] = secure.forward(node, equal_weights=self.central is not None)
             messages.append(self._message(content, node, f"train.{phase}"))
         del ae_record
+        down.release()  # the messages hold the encoded model now; it is gone once they are pushed
         acc = None if secure else build_aggregator(self.s.aggregator, {k: tuple(v.shape) for k, v in base.items()},
                                                    self.s.trim_fraction)
         expected = {k: (tuple(v.shape), v.is_floating_point()) for k, v in base.items()}
@@ -305,20 +306,22 @@ class Federation:
             m = validate.metrics_of(reply.content)
             n = validate.num_examples(m, self.state.declared.get(str(node)), self.s.max_examples)
             arrays = reply.content[ARRAYS_KEY]
+            count, nbytes = len(arrays), arrays.count_bytes()
             if secure:
                 secure.add_masked(node, arrays)  # only the masked upload; its weight is inside it
                 clipped[node] = float(m.get("secagg-clipped", 0.0))
             else:
-                update, _ = guard.check(validate.update_of(reply.content, expected))
+                # each received array is dropped as it is decoded: the reply is never whole twice in memory
+                update, _ = guard.check(validate.update_of(reply.content, expected, consume=True))
                 acc.add_tensors(update, 1.0 if self.central else n)  # central DP: equal weights bound the sensitivity
             shown = {k: v for k, v in without_privacy_metrics(m).items()
                      if k not in ("num-examples", "step", "secagg-clipped")}
-            metrics.add(shown, n)
+            metrics.add({k: v for k, v in shown.items() if not k.startswith("clock-")}, n)  # clock times: per site only
             per_site[node] = {k: float(v) for k, v in shown.items()}
-            self.privacy.record(node, phase, self.state.global_round + 1, m, len(arrays), arrays.count_bytes())
+            self.privacy.record(node, phase, self.state.global_round + 1, m, count, nbytes)
             if phase == "dm" and node not in self.state.has_lae:
                 self.state.has_lae.append(node)
-            return arrays.count_bytes()
+            return nbytes
 
         def refused(node: int, why: str) -> None:
             self.privacy.record_refusal(node, phase, self.state.global_round + 1, why)
@@ -334,14 +337,14 @@ class Federation:
             update = self.secure.close(phase, secure, got.answered)
         else:
             got.require(self.s.min_sites)
-            update = acc.mean()
+            update = acc.mean(in_place=True)
             del acc
         if self.central:
             # SecAgg+ rounds each clipped update value stochastically (< 1 step): its L2 norm may pass C by
             # step * sqrt(values); the noise is scaled to cover that
             slack = secure.params.step * sum(v.numel() for v in update.values()) ** 0.5 if secure else 0.0
             update = self.central.privatize(update, [1.0] * len(got.answered), sensitivity_slack=slack)
-        new = self.opt.step(current, update)
+        new = self.opt.step_consuming(current, update)
         self.weights.update(new)
         self.ema.update(new)
         down.confirm(got.answered)

@@ -22,6 +22,7 @@ def round_line(phase: str, phase_round: int, rounds: int, global_round: int, sta
         "bytes_received_per_site": {str(k): int(v) for k, v in got.received.items()},
         "seconds": round(time.time() - start, 3), "time": time.time(),
         "stages": {k: round(float(v), 3) for k, v in (stages or {}).items()},
+        "timeline": got.timeline(),
     }
     if per_site:
         line["losses_per_site"] = {str(k): v for k, v in per_site.items()}

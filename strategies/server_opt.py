@@ -27,6 +27,21 @@ class ServerOptimizer:
         return {k: (x + update[k] if x.is_floating_point() and k in update else _keep_or_replace(x, update, k))
                 for k, x in current.items()}
 
+    def step_consuming(self, current: dict[str, torch.Tensor], update: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``step``, free to write into ``update``'s tensors (the caller is done with it): FedAvg adds ``current``
+        into the update's own fp32 memory, so the server holds no third model-sized buffer; the adaptive rules
+        (subclasses) step as usual."""
+        if type(self).step is not ServerOptimizer.step:
+            return self.step(current, update)
+
+        def add(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+            if u.dtype == x.dtype == torch.float32 and u.shape == x.shape and not u.requires_grad:
+                return u.add_(x)
+            return x + u
+
+        return {k: (add(x, update[k]) if x.is_floating_point() and k in update else _keep_or_replace(x, update, k))
+                for k, x in current.items()}
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {}
 

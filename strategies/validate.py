@@ -47,9 +47,11 @@ def num_examples(metrics: MetricRecord, declared: int | None, cap: int) -> float
     return n
 
 
-def update_of(content, expected: dict[str, tuple[tuple[int, ...], bool]], key: str = "arrays") -> dict[str, torch.Tensor]:
+def update_of(content, expected: dict[str, tuple[tuple[int, ...], bool]], key: str = "arrays",
+              consume: bool = False) -> dict[str, torch.Tensor]:
     """The decoded update of a reply (fp32 floating arrays, integer buffers as they are), checked against
-    ``expected``: name -> (shape, floating)."""
+    ``expected``: name -> (shape, floating). ``consume``: each received array leaves the reply once decoded (the
+    reply's bytes and its decoded update are never both whole in memory; the record is empty afterwards)."""
     if key not in content:
         raise BadReply(f"reply without its {key!r} record")
     record = content[key]
@@ -60,7 +62,7 @@ def update_of(content, expected: dict[str, tuple[tuple[int, ...], bool]], key: s
         extra, missing = sorted(names - set(expected)), sorted(set(expected) - names)
         raise BadReply(f"arrays differ from the global model's (extra {extra[:3]}, missing {missing[:3]})")
     out = {}
-    for name in record.keys():
+    for name in list(record.keys()):
         a = record[name]
         shape, floating = expected[name]
         declared = tuple(int(s) for s in a.shape)
@@ -79,6 +81,8 @@ def update_of(content, expected: dict[str, tuple[tuple[int, ...], bool]], key: s
         if floating and not bool(torch.isfinite(t).all()):
             raise BadReply(f"array {name} holds NaN or Inf")
         out[name] = t
+        if consume:
+            del record[name], a
     return out
 
 

@@ -17,6 +17,7 @@ Integer buffers (BatchNorm's batch counter) travel as they are, in every dtype.
 from __future__ import annotations
 
 import hashlib
+import io
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ TRANSFER_DTYPES = ("fp32", "bf16", "fp16", "int8")
 BF16_STYPE = "torch.bf16"
 INT8_STYPE = "histodiff.int8-absmax"
 INT8_BLOCK = 256
+NUMPY_STYPE = "numpy.ndarray"  # Flower's SType.NUMPY: np.save's format
 _TORCH = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -85,7 +87,33 @@ def encode_tensor(t: torch.Tensor, dtype: str = "fp32") -> Array:
     if t.dtype == torch.bfloat16:
         raw = t.view(torch.int16).numpy().tobytes()
         return Array(dtype="bfloat16", shape=tuple(t.shape), stype=BF16_STYPE, data=raw)
-    return Array(np.array(t.numpy(), copy=True, order="C"))  # keeps 0-d shapes (ascontiguousarray would not)
+    return _numpy_array(t.numpy())
+
+
+def _numpy_array(arr: np.ndarray) -> Array:
+    """``Array(arr)`` with the same bytes (``np.save``'s format), copied once: Flower's own path copies the values
+    twice (``np.save`` into a buffer, then ``getvalue``), and ``encode_tensor`` used to add a third."""
+    arr = np.asarray(arr)
+    if not arr.flags.c_contiguous or arr.dtype.hasobject:
+        return Array(np.array(arr, copy=True, order="C"))  # keeps 0-d shapes (ascontiguousarray would not)
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(arr))
+    data = b"".join([header.getvalue(), memoryview(arr.reshape(-1)).cast("B")])
+    return Array(dtype=str(arr.dtype), shape=tuple(arr.shape), stype=NUMPY_STYPE, data=data)
+
+
+def _numpy_view(a: Array) -> np.ndarray:
+    """The values of a ``numpy.ndarray`` Array as a read-only view of its bytes (no copy; ``Array.numpy`` copies)."""
+    buf = io.BytesIO(a.data[:4096] if len(a.data) > 4096 else a.data)
+    version = np.lib.format.read_magic(buf)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(buf)
+    else:
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(buf)
+    if fortran or dtype.hasobject:
+        return a.numpy()
+    count = int(np.prod(shape, dtype=np.int64))
+    return np.frombuffer(a.data, dtype=dtype, count=count, offset=buf.tell()).reshape(shape)
 
 
 def decode_tensor(a: Array, float32: bool = True) -> torch.Tensor:
@@ -97,6 +125,8 @@ def decode_tensor(a: Array, float32: bool = True) -> torch.Tensor:
         if len(a.data) != 2 * int(np.prod(shape, dtype=np.int64)):
             raise CodecError(f"bf16 payload of {len(a.data)} bytes does not fit shape {shape}")
         t = torch.frombuffer(bytearray(a.data), dtype=torch.bfloat16).reshape(shape)
+    elif a.stype == NUMPY_STYPE:
+        t = torch.from_numpy(_numpy_view(a).copy())  # one copy, writable, owned by the tensor
     else:
         t = torch.from_numpy(a.numpy().copy())
     return t.float() if float32 and t.is_floating_point() else t

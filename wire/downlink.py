@@ -75,6 +75,11 @@ class Broadcast:
             self._full = to_record(self.held)
         return self._full, {**{k: v for k, v in self._config.items() if k != BASE_KEY}, MODE_KEY: "full"}
 
+    def release(self) -> None:
+        """The round's messages are built: drop this object's references to the encoded arrays, so they live only
+        as long as the messages (until they are pushed), not through the whole round."""
+        self._delta = self._full = None
+
     def confirm(self, nodes) -> None:
         """After a round: ``nodes`` answered from this round's starting point, so they hold it."""
         self.synced = set(int(n) for n in nodes) if self.lossy else set()
