@@ -47,6 +47,18 @@ def hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def simulation_env(env: dict | None = None) -> dict[str, str]:
+    """What the simulation's SuperLink (and so its Ray cluster) gets on top of ``flower_env``: Ray's memory monitor
+    off (``RAY_memory_monitor_refresh_ms=0``) unless ``env`` already sets it. The monitor kills a Ray worker when
+    the whole machine's memory passes 95%, whoever uses it; in Flower 1.42 a killed ClientApp actor is never
+    replaced (its pool takes the dead actor back), so every later message sent to it fails at once and the run
+    stops after ``wait-timeout``. Measured with 50 simulated sites: one kill while other jobs filled the machine
+    (22.4 of 23.5 GB; this run's processes took about 6 GB) left half of every retried DM round failing. Without the
+    monitor the kernel handles a real shortage, as it does for SuperNodes."""
+    env = os.environ if env is None else env
+    return {} if "RAY_memory_monitor_refresh_ms" in env else {"RAY_memory_monitor_refresh_ms": "0"}
+
+
 def write_flwr_home(home: Path, superlink: str, root_certificates: Path | None, insecure: bool = False) -> Path:
     """A project-controlled FLWR_HOME whose config.toml holds one connection (no pyproject federations)."""
     home = Path(home).resolve()

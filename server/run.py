@@ -127,6 +127,8 @@ def _coordinate(args, run_dir: Path) -> int:
                 advertised = addresses(bind, args.advertise or saved.get("advertise", []), certs, args.sites)
                 _bind_notes(bind, port, advertised)
             env = flwr_cli.flower_env(run_dir / "flwr-home")
+            if args.simulation:
+                env.update(flwr_cli.simulation_env(env))
             db = None if args.simulation else run_dir / "superlink.db"
             proc = flwr_cli.start(flwr_cli.superlink_cmd(port, certs, db, host=bind, simulation=bool(args.simulation)),
                                   env, run_dir / "logs" / "superlink.log", cwd=run_dir)
