@@ -12,6 +12,9 @@ from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_2d_blocks import UNetMidBlock2D, get_down_block
 from torch import nn
+from torch.nn import functional as F
+
+from histodiff.diffusion.unet import use_sdpa_attention
 
 
 class AttentionPool2d(nn.Module):
@@ -24,9 +27,19 @@ class AttentionPool2d(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         tokens = h.flatten(2).transpose(1, 2)  # B, HW, C
-        tokens = torch.cat([tokens.mean(dim=1, keepdim=True), tokens], dim=1) + self.pos[None]
-        out, _ = self.attn(tokens[:, :1], tokens, tokens, need_weights=False)
-        return out[:, 0]
+        tokens = torch.cat([tokens.mean(dim=1, keepdim=True), tokens], dim=1) + self.pos[None]  # contiguous
+        # nn.MultiheadAttention's own computation (its parameters, one query), written out on the batch-first
+        # tokens: its forward transposes them to sequence-first, and under autograd (guidance) the projections
+        # of those non-contiguous views run as batched GEMMs over an expanded weight, forward and backward
+        attn = self.attn
+        b, n, c = tokens.shape
+        heads = attn.num_heads
+        w_q, w_kv = attn.in_proj_weight.split([c, 2 * c])
+        b_q, b_kv = attn.in_proj_bias.split([c, 2 * c])
+        q = F.linear(tokens[:, :1], w_q, b_q).view(b, 1, heads, c // heads).transpose(1, 2)
+        k, v = (y.reshape(b, n, heads, c // heads).transpose(1, 2) for y in F.linear(tokens, w_kv, b_kv).chunk(2, -1))
+        out = F.scaled_dot_product_attention(q, k, v)  # B, heads, 1, C / heads
+        return attn.out_proj(out.transpose(1, 2).reshape(b, c))
 
 
 class TimeLatentClassifier(ModelMixin, ConfigMixin):
@@ -84,6 +97,7 @@ class TimeLatentClassifier(ModelMixin, ConfigMixin):
         spatial = sample_size // 2 ** (len(block_out_channels) - 1)
         self.pool = AttentionPool2d(out_ch, spatial, pool_heads)
         self.head = nn.Linear(out_ch, num_classes)
+        use_sdpa_attention(self)  # SDPA with contiguous tokens: guidance differentiates through these blocks
 
     def forward(self, z: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """Class logits for latents ``z`` noised to ``timesteps`` (one per sample, or a scalar)."""

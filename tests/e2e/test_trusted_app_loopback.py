@@ -3,7 +3,6 @@
 never runs at a site, and this project's app gets past the check."""
 
 import subprocess
-import sys
 import textwrap
 
 import pytest
