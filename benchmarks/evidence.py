@@ -310,7 +310,7 @@ def measure(args, setting: str, data: Path, model: Path, augment: Path, out: Pat
     result: dict = {"setting": setting, "model": str(model)}
     with torch.no_grad():
         result["reconstruction"] = _reconstruction_metrics(autoencoder, phi, phi_meta["img_size"], test, lpips_net, 32)
-        finetuned = augment / "decoder" / "autoencoder"
+        finetuned = augment / "decoder"  # the pipeline's fine-tuned autoencoder (diffusers folder)
         if (finetuned / "config.json").is_file():
             tuned = AutoencoderKL.from_pretrained(str(finetuned)).eval().requires_grad_(False)
             result["reconstruction_finetuned"] = _reconstruction_metrics(tuned, phi, phi_meta["img_size"], test,
