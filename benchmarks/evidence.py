@@ -73,7 +73,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
                         "The federated setting is not watched (it would watch at every site every round)")
     p.add_argument("--threads", type=int, default=0, help="torch threads per process (0: torch's default)")
     p.add_argument("overrides", nargs="*", help="config overrides for every step, e.g. profile=paper")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # key=value overrides may come between options
     if not any(o.startswith("profile=") for o in args.overrides):
         args.overrides.insert(0, "profile=small")
     if args.data == "folders" and (len(args.sites) < 2 or not args.labeled_pool or not args.test):

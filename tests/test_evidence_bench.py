@@ -83,3 +83,10 @@ def test_report_gives_mean_and_std_over_seeds_and_flags_short_quotas(tmp_path):
     assert "| selective_200 | 70.0 ± 14.1 (quota short) | 70.0 ± 0.0 (quota short) |" in md
     assert "| class fidelity, selective_200 (%) | 75.0 | 75.0 |" in md
     assert "![labeled](pictures/labeled.png)" in md
+
+
+def test_overrides_may_come_between_options():
+    args = evidence.parse(["--data", "folders", "profile=paper", "--sites", "a", "b", "c", "--labeled-pool", "p",
+                           "--test", "t"])
+    assert args.overrides == ["profile=paper"] and args.sites == ["a", "b", "c"]
+    assert evidence.parse(["--seeds", "0", "1"]).overrides == ["profile=small"]  # the default profile
