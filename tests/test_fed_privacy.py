@@ -139,7 +139,9 @@ class RecordingGrid(InProcessGrid):
 
     def pull_messages(self, message_ids):
         replies = list(super().pull_messages(message_ids))
-        self.replies.extend(replies)
+        for r in replies:  # decoded now: the server consumes a reply's arrays as it decodes them
+            arrays = from_record(r.content["arrays"]) if not r.has_error() and "arrays" in r.content else None
+            self.replies.append((r, arrays))
         return replies
 
 
@@ -149,9 +151,10 @@ def test_central_dp_clips_at_sites_and_noises_the_mean(tmp_path):
     grid = _grid(rc, 2, RecordingGrid)
     fed = _federation(grid, rc)
     assert fed.run().status == "done"
-    replies = [r for r in grid.replies if r.metadata.message_type == "train.lae"]
+    recorded = [(r, a) for r, a in grid.replies if r.metadata.message_type == "train.lae"]
+    replies = [r for r, _ in recorded]
     assert len(replies) == 2 and not any(r.has_error() for r in replies)
-    sent = [from_record(r.content["arrays"]) for r in replies]
+    sent = [a for _, a in recorded]
     for r in replies:
         m = r.content["metrics"]
         assert m["dp-clipping-norm"] == 1.0 and "dp-update-norm" in m
