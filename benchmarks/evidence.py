@@ -269,12 +269,8 @@ def labeled_pipeline(args, setting: str, data: Path, model: Path, out: Path, tim
         seeds = ",".join(str(s) for s in args.seeds)
         run_step(args, f"{setting}-pipeline", [sys.executable, "-m", "client.augment", "--data", str(data / "labeled"),
                  "--test", str(data / "test"), "--model", str(model), "--out", str(where),
-                 *args.overrides, f"augment.seeds=[{seeds}]", "train.progress=false"], logs_dir(out), timings, timings_path)
+                 *args.overrides, f"augment.seeds=[{seeds}]", "train.progress=false"], out / "logs", timings, timings_path)
     return where
-
-
-def logs_dir(out: Path) -> Path:
-    return out / "logs"
 
 
 # ------------------------------------------------------------------------------------------------- measures
@@ -337,8 +333,9 @@ def measure(args, setting: str, data: Path, model: Path, augment: Path, out: Pat
                           for name, idx in sets.items()}
     # FID / KID against the test tiles, per class and overall
     inception = load_inception(cfg.weights).eval()
-    real_inc = torch.cat([inception_features(inception, [x]) for x, _ in loader(test, 64, False)])
-    real_y = torch.cat([torch.as_tensor(y) for _, y in loader(test, 64, False)])
+    batches = list(loader(test, 64, False))  # one pass over the test tiles for features and labels
+    real_inc = inception_features(inception, [x for x, _ in batches])
+    real_y = torch.cat([torch.as_tensor(y) for _, y in batches])
     fake_inc = scores["fake_inception"]
     result["fid_test"] = {name: fid_report(real_inc, real_y, fake_inc[idx], target[idx], classes)
                           for name, idx in sets.items() if len(idx) >= 2}

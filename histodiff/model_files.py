@@ -59,9 +59,14 @@ def save_pretrained_atomic(model, directory: Path) -> None:
 
         shutil.rmtree(tmp)
     model.save_pretrained(str(tmp), safe_serialization=True)
-    if directory.exists():
-        import shutil
+    _swap_in(tmp, directory)
 
+
+def _swap_in(tmp: Path, directory: Path) -> None:
+    """Replace ``directory`` by the finished folder ``tmp`` (the old one is moved aside first, then removed)."""
+    import shutil
+
+    if directory.exists():
         old = directory.with_name(directory.name + ".old")
         if old.exists():
             shutil.rmtree(old)
@@ -109,15 +114,7 @@ def save_pretrained_state(model, state: dict[str, torch.Tensor], directory: Path
     model.save_config(str(tmp))
     save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp / SAFETENSORS_WEIGHTS_NAME),
               metadata={"format": "pt"})
-    if directory.exists():
-        old = directory.with_name(directory.name + ".old")
-        if old.exists():
-            shutil.rmtree(old)
-        directory.replace(old)
-        tmp.replace(directory)
-        shutil.rmtree(old)
-    else:
-        tmp.replace(directory)
+    _swap_in(tmp, directory)
 
 
 def export_global_weights(out: Path, cfg, weights: dict[str, torch.Tensor], scale_factor: float) -> Path:
