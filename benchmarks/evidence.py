@@ -33,6 +33,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -72,6 +73,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
                    help="single-site pre-training: watch grids + FID/KID every N steps (train.watch_every; 0: off). "
                         "The federated setting is not watched (it would watch at every site every round)")
     p.add_argument("--threads", type=int, default=0, help="torch threads per process (0: torch's default)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="settings run at once (each its own processes; with --threads 1, one core each keeps a "
+                        "2-core machine busier than one 2-thread process)")
     p.add_argument("overrides", nargs="*", help="config overrides for every step, e.g. profile=paper")
     args = p.parse_intermixed_args(argv)  # key=value overrides may come between options
     if not any(o.startswith("profile=") for o in args.overrides):
@@ -82,7 +86,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
         p.error(f"--labeled-fraction must be in (0, 1), got {args.labeled_fraction}")
     if args.watch_every < 0:
         p.error("--watch-every must be >= 0 (0: off)")
-    for name in ("dm_steps", "lae_rounds", "dm_rounds"):
+    for name in ("dm_steps", "lae_rounds", "dm_rounds", "jobs"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     return args
@@ -210,12 +214,26 @@ def run_step(args, name: str, cmd: list[str], log_dir: Path, timings: dict, timi
         log.flush()
         rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
     seconds = time.perf_counter() - start
-    timings[name] = round(timings.get(name, 0.0) + seconds, 1)
-    timings_path.write_text(json.dumps(timings, indent=1))
+    add_time(timings, timings_path, name, seconds)
     if rc != 0:
         tail = (log_dir / f"{name}.log").read_text().strip().splitlines()[-5:]
         raise SystemExit(f"error: step {name} failed (exit {rc}); last lines of its log:\n  " + "\n  ".join(tail))
     say(f"{name}: done in {seconds / 60:.1f} min")
+
+
+_TIMINGS_LOCK = threading.Lock()
+
+
+def add_time(timings: dict, timings_path: Path, name: str, seconds: float) -> None:
+    """Add a step's seconds to ``timings.json``, re-read first: settings may run at once (``--jobs``, or separate
+    commands on the same ``--out``)."""
+    with _TIMINGS_LOCK:
+        if timings_path.is_file():
+            timings.update({k: v for k, v in json.loads(timings_path.read_text()).items() if k != name})
+        timings[name] = round(timings.get(name, 0.0) + seconds, 1)
+        tmp = timings_path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(timings, indent=1))
+        tmp.replace(timings_path)
 
 
 def lae_steps(args) -> int:
@@ -285,7 +303,6 @@ def measure(args, setting: str, data: Path, model: Path, augment: Path, out: Pat
     import torch
     from diffusers import AutoencoderKL
 
-    from benchmarks.small_profile_probe import _reconstruction_metrics, open_tiles
     from histodiff.config import compose
     from histodiff.evaluation.downstream import fit_input, loader
     from histodiff.evaluation.fid import fid_report, inception_features
@@ -293,6 +310,8 @@ def measure(args, setting: str, data: Path, model: Path, augment: Path, out: Pat
     from histodiff.model_files import load_global_model
     from histodiff.autoencoder.lpips_vgg import build_lpips
     from histodiff.evaluation.inception import load_inception
+    from histodiff.evaluation.reconstruction import reconstruction_metrics
+    from histodiff.data.tile_dataset import TileFolder, TileOptions
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -301,15 +320,15 @@ def measure(args, setting: str, data: Path, model: Path, augment: Path, out: Pat
     autoencoder, _, info = load_global_model(model, cfg)
     autoencoder = autoencoder.eval().requires_grad_(False)
     phi, phi_meta = load_classifier(augment / "aux_classifier")
-    test = open_tiles(data / "test", size, out / "measures" / "index-test")
+    test = TileFolder.open(str(data / "test"), TileOptions(size), work_dir=str(out / "measures" / "index-test"))
     lpips_net = build_lpips(cfg.weights).eval()
     result: dict = {"setting": setting, "model": str(model)}
     with torch.no_grad():
-        result["reconstruction"] = _reconstruction_metrics(autoencoder, phi, phi_meta["img_size"], test, lpips_net, 32)
+        result["reconstruction"] = reconstruction_metrics(autoencoder, phi, phi_meta["img_size"], test, lpips_net, 32)
         finetuned = augment / "decoder"  # the pipeline's fine-tuned autoencoder (diffusers folder)
         if (finetuned / "config.json").is_file():
             tuned = AutoencoderKL.from_pretrained(str(finetuned)).eval().requires_grad_(False)
-            result["reconstruction_finetuned"] = _reconstruction_metrics(tuned, phi, phi_meta["img_size"], test,
+            result["reconstruction_finetuned"] = reconstruction_metrics(tuned, phi, phi_meta["img_size"], test,
                                                                          lpips_net, 32)
     # candidates and the sets chosen from them (manifest rows follow the candidates' order)
     with open(augment / "synthetic" / "manifest.csv", newline="") as fh:
@@ -354,12 +373,10 @@ def _share(pred, target, idx: list[int], k: int) -> float | None:
 
 def _read_tile(path: Path, size: int):
     """A tile as the pipeline reads it: size x size, channels first, in [-1, 1]."""
-    import torch
+    from histodiff.data.images import from_uint8_image, load_square
+    from histodiff.data.tile_dataset import TileOptions
 
-    from histodiff.data.images import load_square
-
-    pixels = load_square(path, size, 10**8)
-    return torch.from_numpy(pixels.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+    return from_uint8_image(load_square(path, size, TileOptions(size).max_image_pixels))
 
 
 def picture(cfg, autoencoder, test, augment: Path, rows: list[dict], sets: dict, classes: list[str], path: Path) -> None:
@@ -422,8 +439,9 @@ def report(args, info: dict, results: dict, timings: dict, out: Path) -> str:
              f"Pre-training per setting: {lae_steps(args)} LAE steps and {args.dm_steps} DM steps' worth of tiles "
              f"(federated: {args.lae_rounds} + {args.dm_rounds} rounds, the steps split over the sites).", "",
              "Time per step (minutes): " + ", ".join(f"{k} {v / 60:.1f}" for k, v in timings.items()) +
-             f"; total {sum(timings.values()) / 60:.1f}.", ""]
-    lines += ["## Downstream accuracy on the held-out test tiles (%, mean ± std over seeds)", "",
+             f"; sum {sum(timings.values()) / 60:.1f} (with --jobs, steps of different settings overlap in time).",
+             ""]
+    lines += ["## Downstream accuracy on the held-out test tiles (%, mean ± sample std over seeds)", "",
               "| row | " + " | ".join(SETTINGS[s] for s in results) + " |", "|---|" + "---|" * len(results)]
     rows = []
     for s, r in results.items():
@@ -492,16 +510,29 @@ def main(argv: list[str] | None = None) -> int:
     data = out / "data"
     info = prepare_data(args, data)
     say(f"data: {info['how']}; tiles {info['tiles']}")
-    results = {}
-    for setting in args.settings:
+
+    def run_setting(setting: str) -> dict:
         model = pretrain(args, setting, data, out, timings, timings_path)
         augment = labeled_pipeline(args, setting, data, model, out, timings, timings_path)
-        t0 = time.perf_counter()
+        t0, done = time.perf_counter(), (out / "measures" / f"{setting}.json").is_file()
         measures = measure(args, setting, data, model, augment, out)
-        timings.setdefault(f"{setting}-measures", round(time.perf_counter() - t0, 1))
-        timings_path.write_text(json.dumps(timings, indent=1))
-        results[setting] = {"pipeline": json.loads((augment / "results.json").read_text()), "measures": measures}
+        if not done:
+            add_time(timings, timings_path, f"{setting}-measures", time.perf_counter() - t0)
         say(f"{setting}: done")
+        return {"pipeline": json.loads((augment / "results.json").read_text()), "measures": measures}
+
+    if args.jobs > 1 and len(args.settings) > 1:
+        # each setting's steps are their own processes: threads here only wait on them; a failed setting lets the
+        # others finish (their results are kept), then its error ends the command
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(min(args.jobs, len(args.settings))) as pool:
+            futures = {s: pool.submit(run_setting, s) for s in args.settings}
+        results = {s: f.result() for s, f in futures.items()}
+    else:
+        results = {s: run_setting(s) for s in args.settings}
+    if timings_path.is_file():  # steps another command ran meanwhile
+        timings.update(json.loads(timings_path.read_text()))
     md = report(args, info, results, timings, out)
     (out / "evidence.json").write_text(json.dumps({"args": vars(args), "data": info, "timings": timings,
                                                     "results": results}, indent=1, default=str))

@@ -13,68 +13,33 @@ Findings: docs/small_profile_measurements.md. Pin it to one core, e.g.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
-import pkgutil
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-
-# ------------------------------------------------------------------------------------------- lookups
-
-# where each function lived or lives: the package is being split into stage packages, so look in the known
-# places first and walk histodiff/ for anything else
-_KNOWN = {
-    "build_autoencoder": ("histodiff.autoencoder.kl_autoencoder", "histodiff.models.autoencoder"),
-    "build_lae_loss": ("histodiff.autoencoder.lae_loss", "histodiff.losses"),
-    "build_unet": ("histodiff.diffusion.unet", "histodiff.models.unet"),
-    "build_noise_scheduler": ("histodiff.diffusion.noise_schedule", "histodiff.diffusion"),
-    "build_ddim": ("histodiff.diffusion.noise_schedule", "histodiff.diffusion"),
-    "train_classifier": ("histodiff.evaluation.downstream", "histodiff.downstream"),
-    "carve_validation": ("histodiff.evaluation.downstream", "histodiff.downstream"),
-    "fit_input": ("histodiff.evaluation.downstream", "histodiff.downstream"),
-    "loader": ("histodiff.evaluation.downstream", "histodiff.downstream"),
-    "build_image_classifier": ("histodiff.evaluation.image_classifier", "histodiff.models"),
-    "build_latent_classifier": ("histodiff.guidance.latent_classifier_net", "histodiff.models"),
-    "train_latent_classifier": ("histodiff.guidance.latent_classifier", "histodiff.guidance.latent_classifier_training"),
-    "accuracy_by_timestep": ("histodiff.guidance.latent_classifier", "histodiff.guidance.latent_classifier_training"),
-    "encode_latents": ("histodiff.guidance.latent_classifier", "histodiff.guidance.latent_classifier_training"),
-    "build_lpips": ("histodiff.weights",),
-    "TileFolder": ("histodiff.data",),
-    "TileOptions": ("histodiff.data",),
-    "compose": ("histodiff.config",),
-}
-
-
-def find(name: str):
-    for module in _KNOWN.get(name, ()):
-        try:
-            obj = getattr(importlib.import_module(module), name, None)
-        except ImportError:
-            continue
-        if obj is not None:
-            return obj
-    import histodiff
-
-    for info in pkgutil.walk_packages(histodiff.__path__, "histodiff."):
-        try:
-            obj = getattr(importlib.import_module(info.name), name, None)
-        except Exception:  # noqa: BLE001 - a module mid-move may not import; keep looking
-            continue
-        if obj is not None:
-            return obj
-    raise ImportError(f"no histodiff module defines {name}")
+from histodiff.autoencoder.kl_autoencoder import build_autoencoder
+from histodiff.autoencoder.lae_loss import build_lae_loss
+from histodiff.autoencoder.lpips_vgg import build_lpips
+from histodiff.config import compose
+from histodiff.data.tile_dataset import TileFolder, TileOptions
+from histodiff.diffusion.noise_schedule import build_ddim, build_noise_scheduler
+from histodiff.diffusion.unet import build_unet
+from histodiff.evaluation.downstream import carve_validation, fit_input, loader, train_classifier
+from histodiff.evaluation.image_classifier import build_image_classifier
+from histodiff.evaluation.reconstruction import reconstruction_metrics
+from histodiff.guidance.latent_classifier_net import build_latent_classifier
+from histodiff.guidance.latent_classifier_training import accuracy_by_timestep, encode_latents, train_latent_classifier
 
 
 # ------------------------------------------------------------------------------------------- step times
 
 
 def _lae_step_time(cfg, steps: int, skip: int, disc: bool) -> float:
-    ae, loss_fn = find("build_autoencoder")(cfg.lae), find("build_lae_loss")(cfg)
+    ae, loss_fn = build_autoencoder(cfg.lae), build_lae_loss(cfg)
     opt_g = torch.optim.Adam(ae.parameters(), lr=cfg.lae.lr, betas=tuple(cfg.lae.betas))
     opt_d = torch.optim.Adam(loss_fn.discriminator.parameters(), lr=cfg.lae.lr, betas=tuple(cfg.lae.betas))
     b, s = cfg.tiles.batch_size, cfg.tiles.image_size
@@ -101,8 +66,8 @@ def _lae_step_time(cfg, steps: int, skip: int, disc: bool) -> float:
 def _dm_step_time(cfg, steps: int, skip: int) -> float:
     from diffusers.training_utils import EMAModel
 
-    ae = find("build_autoencoder")(cfg.lae).eval().requires_grad_(False)
-    unet, sched = find("build_unet")(cfg), find("build_noise_scheduler")(cfg.dm)
+    ae = build_autoencoder(cfg.lae).eval().requires_grad_(False)
+    unet, sched = build_unet(cfg), build_noise_scheduler(cfg.dm)
     ema = EMAModel(unet.parameters(), decay=cfg.dm.ema_decay)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.dm.lr, weight_decay=cfg.dm.weight_decay)
     b, s = cfg.tiles.batch_size, cfg.tiles.image_size
@@ -127,7 +92,6 @@ def _params(module: torch.nn.Module) -> float:
 
 
 def cmd_time(args) -> None:
-    compose = find("compose")
     torch.set_num_threads(args.threads)
     rows = []
     for spec in args.lae:
@@ -139,7 +103,7 @@ def cmd_time(args) -> None:
         cfg = compose([f"profile={args.profile}", f"lae.block_out_channels=[{ch}]", f"lae.layers_per_block={lpb}",
                        f"lae.norm_num_groups={groups}", f"tiles.batch_size={batch}", *args.overrides])
         sec = _lae_step_time(cfg, args.steps, args.skip, disc)
-        n = _params(find("build_autoencoder")(cfg.lae))
+        n = _params(build_autoencoder(cfg.lae))
         rows.append({"model": "lae", "spec": spec, "params_m": round(n, 3), "sec_per_step": round(sec, 4),
                      "tiles_per_s": round(int(batch) / sec, 1), "threads": args.threads})
         print(json.dumps(rows[-1]), flush=True)
@@ -153,7 +117,7 @@ def cmd_time(args) -> None:
                        f"dm.unet.num_heads={max(1, first // 32)}", f"dm.unet.norm_num_groups={min(32, first // 2)}",
                        f"tiles.batch_size={batch}", *args.overrides])
         sec = _dm_step_time(cfg, args.steps, args.skip)
-        n = _params(find("build_unet")(cfg))
+        n = _params(build_unet(cfg))
         rows.append({"model": "dm", "spec": spec, "params_m": round(n, 3), "sec_per_step": round(sec, 4),
                      "tiles_per_s": round(int(batch) / sec, 1), "threads": args.threads})
         print(json.dumps(rows[-1]), flush=True)
@@ -166,30 +130,24 @@ def cmd_time(args) -> None:
 # ------------------------------------------------------------------------------------------- class identity
 
 
-def open_tiles(root, size: int, work_dir) -> "torch.utils.data.Dataset":
-    """A labeled tile folder without augmentation (TileFolder.open with TileOptions, or the older constructor)."""
-    TileFolder = find("TileFolder")
-    if hasattr(TileFolder, "open"):
-        return TileFolder.open(str(root), find("TileOptions")(size), work_dir=str(work_dir))
-    return TileFolder(str(root), size, work_dir=str(work_dir), train=False)
+def open_tiles(root, size: int, work_dir) -> TileFolder:
+    """A labeled tile folder as it is, without augmentation."""
+    return TileFolder.open(str(root), TileOptions(size), work_dir=str(work_dir))
 
 
-def subset_tiles(folder, size: int, subset: list[int], augment: bool):
-    TileFolder = find("TileFolder")
-    if hasattr(TileFolder, "open"):
-        return TileFolder(folder.index, find("TileOptions")(size, augment=augment), subset=subset)
-    return TileFolder(None, size, index=folder.index, subset=subset, augment=augment)
+def subset_tiles(folder: TileFolder, size: int, subset: list[int], augment: bool) -> TileFolder:
+    return TileFolder(folder.index, TileOptions(size, augment=augment), subset=subset)
 
 
 def _phi(cfg, labeled: Path, cache: Path, seed: int):
     """phi trained on the labeled site's real tiles (train split), picked on its validation split; cached."""
     full = open_tiles(labeled, cfg.tiles.image_size, cache)
     labels = [y for _, y in full.index.entries]
-    train_idx, val_idx = find("carve_validation")(labels, cfg.augment.val_fraction, cfg.augment.min_val_per_class,
+    train_idx, val_idx = carve_validation(labels, cfg.augment.val_fraction, cfg.augment.min_val_per_class,
                                                    seed, full.classes)
     train = subset_tiles(full, cfg.tiles.image_size, train_idx, True)
     val = subset_tiles(full, cfg.tiles.image_size, val_idx, False)
-    build = find("build_image_classifier")
+    build = build_image_classifier
     weights = cache / "phi.pt"
     meta_path = cache / "phi.json"
     key = {"classifier": {k: cfg.aux_classifier[k] for k in ("model", "img_size", "lr", "weight_decay", "epochs")},
@@ -200,7 +158,7 @@ def _phi(cfg, labeled: Path, cache: Path, seed: int):
         meta = json.loads(meta_path.read_text())
         return model.eval(), val, full.classes, meta
     started = time.perf_counter()
-    trained = find("train_classifier")(cfg.aux_classifier, cfg.train, train, val, len(full.classes), seed,
+    trained = train_classifier(cfg.aux_classifier, cfg.train, train, val, len(full.classes), seed,
                                        cfg.tiles.batch_size, "probe phi")
     cache.mkdir(parents=True, exist_ok=True)
     torch.save(trained.model.state_dict(), weights)
@@ -208,33 +166,6 @@ def _phi(cfg, labeled: Path, cache: Path, seed: int):
             "train_tiles": len(train), "val_tiles": len(val)}
     meta_path.write_text(json.dumps(meta, indent=1))
     return trained.model.eval(), val, full.classes, meta
-
-
-@torch.no_grad()
-def _reconstruction_metrics(autoencoder, phi, img_size: int, dataset, lpips_net, batch: int) -> dict[str, float]:
-    fit, loader = find("fit_input"), find("loader")
-    real_ok = rec_ok = matched_ok = n = 0
-    psnr = lp = l1 = 0.0
-    for x, y in loader(dataset, batch, False):
-        y = torch.as_tensor(y)
-        x_hat = autoencoder.decode(autoencoder.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
-        real_ok += int((phi(fit(x, img_size)).argmax(1) == y).sum())
-        rec_ok += int((phi(fit(x_hat, img_size)).argmax(1) == y).sum())
-        # diagnosis: the same reconstructions with each tile's per-channel mean and std set to the real tile's;
-        # a large rise means the gap is colour (stain), not structure
-        mu, sd = x.mean((2, 3), keepdim=True), x.std((2, 3), keepdim=True)
-        mu_h, sd_h = x_hat.mean((2, 3), keepdim=True), x_hat.std((2, 3), keepdim=True).clamp_min(1e-4)
-        matched = ((x_hat - mu_h) / sd_h * sd + mu).clamp(-1, 1)
-        matched_ok += int((phi(fit(matched, img_size)).argmax(1) == y).sum())
-        mse = ((x - x_hat) / 2).pow(2).mean(dim=(1, 2, 3)).clamp_min(1e-10)  # on [0, 1] pixels
-        psnr += float((10 * torch.log10(1 / mse)).sum())
-        l1 += float((x - x_hat).abs().mean(dim=(1, 2, 3)).sum())
-        if lpips_net is not None:
-            lp += float(lpips_net(x.contiguous(), x_hat.contiguous()).flatten().sum())
-        n += len(x)
-    return {"real_accuracy": real_ok / n, "reconstruction_accuracy": rec_ok / n,
-            "gap_points": 100 * (real_ok - rec_ok) / n, "colour_matched_accuracy": matched_ok / n, "psnr": psnr / n, "lpips": lp / n if lpips_net else None,
-            "l1": l1 / n, "tiles": n}
 
 
 @torch.no_grad()
@@ -250,15 +181,15 @@ def _recon_grid(autoencoder, dataset, path: Path, per_class: int = 2) -> None:
 
 
 def _latent_accuracy(cfg, autoencoder, train_set, test_set, scale: float, seed: int) -> dict:
-    encode = find("encode_latents")
+    encode = encode_latents
     z_tr, y_tr = encode(autoencoder, train_set, scale, cfg.tiles.batch_size, True)
     z_te, y_te = encode(autoencoder, test_set, scale, cfg.tiles.batch_size, False)
-    alphas = find("build_ddim")(cfg.dm).alphas_cumprod.clone()
-    clf = find("build_latent_classifier")(cfg, len(set(y_tr.tolist())))
+    alphas = build_ddim(cfg.dm).alphas_cumprod.clone()
+    clf = build_latent_classifier(cfg, len(set(y_tr.tolist())))
     started = time.perf_counter()
-    loss = find("train_latent_classifier")(cfg, clf, alphas, z_tr, y_tr)
+    loss = train_latent_classifier(cfg, clf, alphas, z_tr, y_tr)
     seconds = time.perf_counter() - started
-    acc = find("accuracy_by_timestep")(clf.cpu(), alphas, z_te, y_te, cfg.augment.latent_eval_timesteps, seed=seed)
+    acc = accuracy_by_timestep(clf.cpu(), alphas, z_te, y_te, cfg.augment.latent_eval_timesteps, seed=seed)
     return {"steps": cfg.latent_classifier.steps, "final_loss": loss, "seconds": seconds,
             "train_latents": len(z_tr), "accuracy_by_t": {str(t): v for t, v in acc.items()}}
 
@@ -267,21 +198,21 @@ def cmd_eval(args) -> None:
     from diffusers import AutoencoderKL
 
     torch.set_num_threads(args.threads)
-    cfg = find("compose")([f"profile={args.profile}", *args.overrides])
+    cfg = compose([f"profile={args.profile}", *args.overrides])
     run_dir = Path(args.run_dir)
     ae_dir = Path(args.autoencoder) if args.autoencoder else run_dir / "lae" / "autoencoder"
     autoencoder = AutoencoderKL.from_pretrained(str(ae_dir)).eval().requires_grad_(False)
     cache = Path(args.cache or Path(args.labeled).parent / "probe-phi")
     phi, val, classes, phi_meta = _phi(cfg, Path(args.labeled), cache, args.seed)
     test = open_tiles(args.test, cfg.tiles.image_size, cache / "test")
-    lpips_net = find("build_lpips")(cfg.weights).eval()
+    lpips_net = build_lpips(cfg.weights).eval()
     out = {"run_dir": str(run_dir), "autoencoder": str(ae_dir), "phi": {"model": cfg.aux_classifier.model,
            "best_val_accuracy": phi_meta["best_val_accuracy"], "seconds": phi_meta.get("seconds")}}
     state = run_dir / "lae" / "training_state.pt"
     if state.is_file():
         out["lae_step"] = int(torch.load(state, map_location="cpu", weights_only=True)["step"])
-    out["test"] = _reconstruction_metrics(autoencoder, phi, cfg.aux_classifier.img_size, test, lpips_net, 32)
-    out["val"] = _reconstruction_metrics(autoencoder, phi, cfg.aux_classifier.img_size, val, lpips_net, 32)
+    out["test"] = reconstruction_metrics(autoencoder, phi, cfg.aux_classifier.img_size, test, lpips_net, 32)
+    out["val"] = reconstruction_metrics(autoencoder, phi, cfg.aux_classifier.img_size, val, lpips_net, 32)
     print(json.dumps({k: out[k] for k in ("test", "val")}, indent=1), flush=True)
     name = args.name or "probe"
     _recon_grid(autoencoder, test, run_dir / f"{name}-reconstructions.png")
@@ -290,7 +221,7 @@ def cmd_eval(args) -> None:
         if stats.is_file():
             scale = float(json.loads(stats.read_text())["scale_factor"])
         else:  # the labeled site's own latents: close to the pre-training sites' value, enough for a probe
-            z = torch.cat([autoencoder.encode(x).latent_dist.mode() for x, _ in find("loader")(test, 32, False)])
+            z = torch.cat([autoencoder.encode(x).latent_dist.mode() for x, _ in loader(test, 32, False)])
             scale = 1.0 / float(z.std())
         full = open_tiles(args.labeled, cfg.tiles.image_size, cache)
         out["latent_classifier"] = _latent_accuracy(cfg, autoencoder, full, test, scale, args.seed)
@@ -323,7 +254,11 @@ def main(argv=None) -> None:
     e.add_argument("--profile", default="small")
     e.add_argument("--name", default=None, help="output RUN_DIR/NAME.json (default probe)")
     e.add_argument("overrides", nargs="*")
-    args = ap.parse_args(argv)
+    args, extra = ap.parse_known_args(argv)  # key=value overrides may also come after the options
+    unknown = [e for e in extra if e.startswith("-") or "=" not in e]
+    if unknown:
+        ap.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides += extra
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     {"time": cmd_time, "eval": cmd_eval}[args.cmd](args)
 

@@ -127,10 +127,21 @@ def prepare_slides(args, work: Path) -> str | None:
 
 
 def check_data(args, work: Path) -> int:
+    """The number of usable tiles (InputError / ConfigError in one line), counted in a child process: reading the
+    config and the tiles loads torch (~0.5 GB), which this launcher, alive for the whole federation, need not keep."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_count_tiles, args.profile, args.overrides, args.data, str(work)).result()
+
+
+def _count_tiles(profile: str, overrides: str, data: str, work: str) -> int:
     from histodiff.config import compose
     from histodiff.data.tile_dataset import tile_dataset_from_config
 
-    cfg = compose([f"profile={args.profile}", *shlex.split(args.overrides), f"data={args.data}", f"work_dir={work}"])
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg = compose([f"profile={profile}", *shlex.split(overrides), f"data={data}", f"work_dir={work}"])
     return len(tile_dataset_from_config(cfg, train=False))
 
 

@@ -4,6 +4,9 @@ the report. The experiment itself is hours long (docs/evidence.md); these run in
 from __future__ import annotations
 
 import hashlib
+import json
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -90,3 +93,46 @@ def test_overrides_may_come_between_options():
                            "--test", "t"])
     assert args.overrides == ["profile=paper"] and args.sites == ["a", "b", "c"]
     assert evidence.parse(["--seeds", "0", "1"]).overrides == ["profile=small"]  # the default profile
+
+
+def test_step_times_from_separate_commands_are_merged_not_overwritten(tmp_path):
+    path = tmp_path / "timings.json"
+    first, second = {}, {}  # two commands on the same --out, each with the timings it read at its start
+    evidence.add_time(first, path, "labeled-lae", 60.0)
+    evidence.add_time(second, path, "federated-pretrain", 120.0)
+    evidence.add_time(first, path, "labeled-lae", 30.0)  # a resumed step adds up
+    assert json.loads(path.read_text()) == {"labeled-lae": 90.0, "federated-pretrain": 120.0}
+
+
+def test_jobs_run_settings_at_once_and_report_them_all(tmp_path, monkeypatch):
+    running, overlap = set(), []
+    lock = threading.Lock()
+
+    def fake_pretrain(args, setting, data, out, timings, timings_path):
+        with lock:
+            running.add(setting)
+            overlap.append(len(running))
+        time.sleep(0.3)
+        with lock:
+            running.discard(setting)
+        evidence.add_time(timings, timings_path, f"{setting}-pretrain", 1.0)
+        return tmp_path / setting
+
+    def fake_pipeline(args, setting, data, model, out, timings, timings_path):
+        where = tmp_path / "augment" / setting
+        where.mkdir(parents=True, exist_ok=True)
+        (where / "results.json").write_text('{"settings": {}}')
+        return where
+
+    monkeypatch.setattr(evidence, "prepare_data", lambda args, data: {"how": "fake", "tiles": {}})
+    monkeypatch.setattr(evidence, "pretrain", fake_pretrain)
+    monkeypatch.setattr(evidence, "labeled_pipeline", fake_pipeline)
+    monkeypatch.setattr(evidence, "measure", lambda args, setting, *a: {"setting": setting})
+    monkeypatch.setattr(evidence, "report", lambda args, info, results, timings, out: f"{sorted(results)} {timings}")
+    assert evidence.main(["--out", str(tmp_path / "out"), "--jobs", "3", "--settings", "labeled", "federated",
+                          "pooled"]) == 0
+    assert max(overlap) >= 2  # at least two settings were pre-training at the same time
+    saved = json.loads((tmp_path / "out" / "evidence.json").read_text())
+    assert list(saved["results"]) == ["labeled", "federated", "pooled"]
+    assert {k for k in saved["timings"] if k.endswith("-pretrain")} == {"labeled-pretrain", "federated-pretrain",
+                                                                        "pooled-pretrain"}

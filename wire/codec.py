@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
-TRANSFER_DTYPES = ("fp32", "bf16", "fp16", "int8")
+from wire.settings import TRANSFER_DTYPES
+
 BF16_STYPE = "torch.bf16"
 INT8_STYPE = "histodiff.int8-absmax"
 INT8_BLOCK = 256

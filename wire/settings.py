@@ -7,7 +7,9 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass, fields
 
-from wire.codec import TRANSFER_DTYPES
+# the wire dtypes of wire/codec.py; here, so that reading settings never imports torch (the launchers check the
+# run config before anything starts, and stay small: server.run, client.run)
+TRANSFER_DTYPES = ("fp32", "bf16", "fp16", "int8")
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi")
 AGGREGATORS = ("mean", "median", "trimmed-mean")
@@ -104,7 +106,7 @@ class Settings:
                                     f"expected one of {', '.join(allowed)}")
         if not 0 <= self.trim_fraction < 0.5 or self.norm_bound < 0 or self.max_examples < 1:
             raise SettingsError("run-config keys: trim-fraction must be in [0, 0.5), norm-bound >= 0, max-examples >= 1")
-        from histodiff.privacy.memorisation import MAX_SAMPLES
+        from histodiff.privacy import MEMORISATION_MAX_SAMPLES as MAX_SAMPLES
 
         if not (0 <= self.memorisation_samples <= MAX_SAMPLES and self.memorisation_ddim_steps >= 1
                 and 0 < self.memorisation_alpha <= 1 and 0 <= self.memorisation_max_rate < 1):

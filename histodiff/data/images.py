@@ -6,11 +6,13 @@ from __future__ import annotations
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: the tile checks and slide tiling run without it
+    import torch
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 MIN_SIDE = 8  # below this an image has no tissue structure left to learn from
@@ -116,9 +118,18 @@ def load_square(path: Path, size: int, max_image_pixels: int) -> np.ndarray:
             return np.asarray(out, dtype=np.uint8)
 
 
+def from_uint8_image(pixels: np.ndarray) -> torch.Tensor:
+    """The models' input: H x W x 3 uint8 array -> 3 x H x W float tensor in [-1, 1] (inverse of to_uint8_image)."""
+    import torch
+
+    return torch.from_numpy(pixels.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)  # PIL arrays are read-only
+
+
 def to_uint8_image(x: torch.Tensor) -> np.ndarray:
     """Invert the [-1, 1] normalisation: 3 x H x W tensor -> H x W x 3 uint8 array."""
     if x.dim() != 3 or x.shape[0] != 3:
         raise ValueError(f"expected a 3 x H x W tensor, got shape {tuple(x.shape)}")
+    import torch
+
     x = x.detach().float().cpu().clamp(-1.0, 1.0)
     return ((x + 1.0) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()

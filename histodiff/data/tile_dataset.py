@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from histodiff.data.images import load_square, unreadable_reason
+from histodiff.data.images import from_uint8_image, load_square, unreadable_reason
 from histodiff.data.tile_index import REPORT_FILE, TileIndex, scan_tiles
 from histodiff.errors import InputError
 
@@ -90,7 +90,7 @@ class TileFolder(torch.utils.data.Dataset):
             raise InputError(
                 f"tile {path} can no longer be read ({unreadable_reason(exc)}); it changed after indexing, rerun to re-index"
             ) from None
-        x = torch.from_numpy(pixels.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+        x = from_uint8_image(pixels)
         if self.augment:
             # torch's RNG, so DataLoader workers get distinct, seedable streams
             k = int(torch.randint(0, 4, ()).item())

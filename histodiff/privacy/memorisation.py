@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from histodiff.diffusion.ddim_sampling import ddim_loop, decode_latents
+from histodiff.privacy import MEMORISATION_MAX_SAMPLES as MAX_SAMPLES
 
 PIXEL_SIDE = 32  # near-copies survive downsampling; 3 KB per tile keeps a site's pass cheap
 SPACES = ("feature", "pixel")
@@ -32,7 +33,6 @@ QUANTILES = {"q05": 0.05, "q50": 0.5, "q95": 0.95}  # fixed here, not by the ser
 COUNTS = ("samples", "tiles", "near-copies-feature", "near-copies-pixel", "near-copies")
 QUANTILE_FIGURES = tuple(f"{space}-{what}-{q}" for space in SPACES for what in ("nn", "ratio") for q in QUANTILES)
 FIGURES = COUNTS + QUANTILE_FIGURES  # everything a site's reply may carry (plus its seconds)
-MAX_SAMPLES = 4096  # a site refuses a larger request: the check must stay a short message
 LOCAL_REPORT = "memorisation"  # <site state>/memorisation/: report.json and near_copies.png, never sent
 
 
