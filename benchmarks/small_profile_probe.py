@@ -28,7 +28,7 @@ from histodiff.config import compose
 from histodiff.data.tile_dataset import TileFolder, TileOptions
 from histodiff.diffusion.noise_schedule import build_ddim, build_noise_scheduler
 from histodiff.diffusion.unet import build_unet
-from histodiff.evaluation.downstream import carve_validation, fit_input, loader, train_classifier
+from histodiff.evaluation.downstream import carve_validation, loader, train_classifier
 from histodiff.evaluation.image_classifier import build_image_classifier
 from histodiff.evaluation.reconstruction import reconstruction_metrics
 from histodiff.guidance.latent_classifier_net import build_latent_classifier
@@ -143,23 +143,22 @@ def _phi(cfg, labeled: Path, cache: Path, seed: int):
     """phi trained on the labeled site's real tiles (train split), picked on its validation split; cached."""
     full = open_tiles(labeled, cfg.tiles.image_size, cache)
     labels = [y for _, y in full.index.entries]
-    train_idx, val_idx = carve_validation(labels, cfg.augment.val_fraction, cfg.augment.min_val_per_class,
-                                                   seed, full.classes)
+    train_idx, val_idx = carve_validation(labels, cfg.augment.val_fraction, cfg.augment.min_val_per_class, seed,
+                                          full.classes)
     train = subset_tiles(full, cfg.tiles.image_size, train_idx, True)
     val = subset_tiles(full, cfg.tiles.image_size, val_idx, False)
-    build = build_image_classifier
     weights = cache / "phi.pt"
     meta_path = cache / "phi.json"
     key = {"classifier": {k: cfg.aux_classifier[k] for k in ("model", "img_size", "lr", "weight_decay", "epochs")},
            "batch": cfg.tiles.batch_size, "seed": seed, "labeled": str(labeled.resolve())}
     if weights.is_file() and meta_path.is_file() and json.loads(meta_path.read_text()).get("key") == key:
-        model = build(cfg.aux_classifier, len(full.classes))
+        model = build_image_classifier(cfg.aux_classifier, len(full.classes))
         model.load_state_dict(torch.load(weights, weights_only=True))
         meta = json.loads(meta_path.read_text())
         return model.eval(), val, full.classes, meta
     started = time.perf_counter()
     trained = train_classifier(cfg.aux_classifier, cfg.train, train, val, len(full.classes), seed,
-                                       cfg.tiles.batch_size, "probe phi")
+                               cfg.tiles.batch_size, "probe phi")
     cache.mkdir(parents=True, exist_ok=True)
     torch.save(trained.model.state_dict(), weights)
     meta = {"key": key, "best_val_accuracy": trained.best_val_accuracy, "seconds": time.perf_counter() - started,
@@ -181,9 +180,8 @@ def _recon_grid(autoencoder, dataset, path: Path, per_class: int = 2) -> None:
 
 
 def _latent_accuracy(cfg, autoencoder, train_set, test_set, scale: float, seed: int) -> dict:
-    encode = encode_latents
-    z_tr, y_tr = encode(autoencoder, train_set, scale, cfg.tiles.batch_size, True)
-    z_te, y_te = encode(autoencoder, test_set, scale, cfg.tiles.batch_size, False)
+    z_tr, y_tr = encode_latents(autoencoder, train_set, scale, cfg.tiles.batch_size, True)
+    z_te, y_te = encode_latents(autoencoder, test_set, scale, cfg.tiles.batch_size, False)
     alphas = build_ddim(cfg.dm).alphas_cumprod.clone()
     clf = build_latent_classifier(cfg, len(set(y_tr.tolist())))
     started = time.perf_counter()

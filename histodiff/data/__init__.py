@@ -21,17 +21,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'histodiff.data' has no attribute {name!r}")
 
 
-__all__ = [
-    "CLASSES",
-    "StainStyle",
-    "TileFolder",
-    "TileIndex",
-    "TileOptions",
-    "generate_tile",
-    "render",
-    "scan_tiles",
-    "site_style",
-    "tile_dataset_from_config",
-    "to_uint8_image",
-    "write_phantom_site",
-]
+__all__ = sorted(_WHERE)
