@@ -201,8 +201,10 @@ def prepare_data(args, data: Path) -> dict:
 
 # ------------------------------------------------------------------------------------------------- steps
 
-def run_step(args, name: str, cmd: list[str], log_dir: Path, timings: dict, timings_path: Path) -> None:
-    """Run one step as its own process, its output appended to ``logs/<name>.log``; its seconds are added up."""
+def run_step(args, name: str, cmd: list[str], out: Path) -> None:
+    """Run one step as its own process, its output appended to ``OUT/logs/<name>.log``; its seconds are added to
+    ``OUT/timings.json``."""
+    log_dir = out / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "FLWR_TELEMETRY_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
     if args.threads:
@@ -214,7 +216,7 @@ def run_step(args, name: str, cmd: list[str], log_dir: Path, timings: dict, timi
         log.flush()
         rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
     seconds = time.perf_counter() - start
-    add_time(timings, timings_path, name, seconds)
+    add_time(out, name, seconds)
     if rc != 0:
         tail = (log_dir / f"{name}.log").read_text().strip().splitlines()[-5:]
         raise SystemExit(f"error: step {name} failed (exit {rc}); last lines of its log:\n  " + "\n  ".join(tail))
@@ -224,16 +226,20 @@ def run_step(args, name: str, cmd: list[str], log_dir: Path, timings: dict, timi
 _TIMINGS_LOCK = threading.Lock()
 
 
-def add_time(timings: dict, timings_path: Path, name: str, seconds: float) -> None:
-    """Add a step's seconds to ``timings.json``, re-read first: settings may run at once (``--jobs``, or separate
-    commands on the same ``--out``)."""
+def read_times(out: Path) -> dict[str, float]:
+    path = out / "timings.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def add_time(out: Path, name: str, seconds: float) -> None:
+    """Add a step's seconds to ``OUT/timings.json``, the one record of step times. Read and rewritten under a lock:
+    settings may run at once (``--jobs``, or separate commands on the same ``--out``)."""
     with _TIMINGS_LOCK:
-        if timings_path.is_file():
-            timings.update({k: v for k, v in json.loads(timings_path.read_text()).items() if k != name})
+        timings = read_times(out)
         timings[name] = round(timings.get(name, 0.0) + seconds, 1)
-        tmp = timings_path.with_suffix(f".{os.getpid()}.tmp")
+        tmp = out / f"timings.{os.getpid()}.tmp"
         tmp.write_text(json.dumps(timings, indent=1))
-        tmp.replace(timings_path)
+        tmp.replace(out / "timings.json")
 
 
 def lae_steps(args) -> int:
@@ -242,9 +248,9 @@ def lae_steps(args) -> int:
     return args.lae_steps or int(compose(args.overrides).train.steps)
 
 
-def pretrain(args, setting: str, data: Path, out: Path, timings: dict, timings_path: Path) -> Path:
+def pretrain(args, setting: str, data: Path, out: Path) -> Path:
     """Pre-train the setting's LAE and DM; returns its exported model folder."""
-    py, logs = sys.executable, out / "logs"
+    py = sys.executable
     run_dir = out / "pretrain" / setting
     if setting in ("labeled", "pooled"):
         tiles = data / ("pool" if setting == "labeled" else "pooled")
@@ -253,9 +259,9 @@ def pretrain(args, setting: str, data: Path, out: Path, timings: dict, timings_p
             common = [f"data={tiles}", f"run_dir={run_dir}", "train.progress=false",
                       f"train.watch_every={args.watch_every}", *args.overrides]
             run_step(args, f"{setting}-lae", [py, "-m", "histodiff.train", "stage=lae",
-                     f"train.steps={lae_steps(args)}", *common], logs, timings, timings_path)
+                     f"train.steps={lae_steps(args)}", *common], out)
             run_step(args, f"{setting}-dm", [py, "-m", "histodiff.train", "stage=dm", f"train.steps={args.dm_steps}",
-                     *common], logs, timings, timings_path)
+                     *common], out)
         return model
     # federated: the same tiles processed in all (steps x batch), a third at each site per round
     sites = sorted((data / "sites").iterdir())
@@ -274,20 +280,20 @@ def pretrain(args, setting: str, data: Path, out: Path, timings: dict, timings_p
 
         where = ["--resume", str(run_dir)] if load_state(run_dir) is not None else ["--run-dir", str(run_dir)]
         run_step(args, "federated-pretrain", [py, "-m", "server.run", *where, "--simulation", str(n), "--config",
-                 config, "--timeout", str(12 * 3600)], logs, timings, timings_path)
+                 config, "--timeout", str(12 * 3600)], out)
         found = sorted(run_dir.rglob("global_model/model_info.json"))
         if not found:
             raise SystemExit(f"error: the federated run in {run_dir} ended without a global_model (see its logs)")
     return found[-1].parent
 
 
-def labeled_pipeline(args, setting: str, data: Path, model: Path, out: Path, timings: dict, timings_path: Path) -> Path:
+def labeled_pipeline(args, setting: str, data: Path, model: Path, out: Path) -> Path:
     where = out / "augment" / setting
     if not (where / "results.json").is_file() or not (where / "table1.md").is_file():
         seeds = ",".join(str(s) for s in args.seeds)
         run_step(args, f"{setting}-pipeline", [sys.executable, "-m", "client.augment", "--data", str(data / "labeled"),
                  "--test", str(data / "test"), "--model", str(model), "--out", str(where),
-                 *args.overrides, f"augment.seeds=[{seeds}]", "train.progress=false"], out / "logs", timings, timings_path)
+                 *args.overrides, f"augment.seeds=[{seeds}]", "train.progress=false"], out)
     return where
 
 
@@ -298,6 +304,7 @@ def measure(args, setting: str, data: Path, model: Path, augment: Path, out: Pat
     path = out / "measures" / f"{setting}.json"
     if path.is_file():
         return json.loads(path.read_text())
+    started = time.perf_counter()
     import csv
 
     import torch
@@ -363,6 +370,7 @@ def measure(args, setting: str, data: Path, model: Path, augment: Path, out: Pat
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))
     picture(cfg, autoencoder, test, augment, rows, sets, classes, out / "pictures" / f"{setting}.png")
+    add_time(out, f"{setting}-measures", time.perf_counter() - started)
     return result
 
 
@@ -376,7 +384,7 @@ def _read_tile(path: Path, size: int):
     from histodiff.data.images import from_uint8_image, load_square
     from histodiff.data.tile_dataset import TileOptions
 
-    return from_uint8_image(load_square(path, size, TileOptions(size).max_image_pixels))
+    return from_uint8_image(load_square(path, size, TileOptions.max_image_pixels))
 
 
 def picture(cfg, autoencoder, test, augment: Path, rows: list[dict], sets: dict, classes: list[str], path: Path) -> None:
@@ -494,30 +502,59 @@ def report(args, info: dict, results: dict, timings: dict, out: Path) -> str:
     for c in classes:
         lines.append(f"| {c} | " + " | ".join(_f(r["measures"]["fid_test"]["all candidates"]["per_class"][c]["fid"])
                                             for r in results.values()) + " |")
+    lines += per_class_table(results)
     lines += ["", "### Pictures (rows: classes; real test tiles | their reconstructions | selected synthetic)", ""]
     for s in results:
         lines.append(f"**{SETTINGS[s]}**\n\n![{s}](pictures/{s}.png)\n")
     return "\n".join(lines) + "\n"
 
 
+def per_class_table(results: dict) -> list[str]:
+    """Per setting and class: the synthetic tiles the selective 200% row added (or the widest selective row) and the
+    downstream sensitivity (recall, mean over seeds) of real only, + random 50% and that row: which classes the
+    synthetic tiles help or hurt."""
+    import statistics
+
+    lines = []
+    for s, r in results.items():
+        rows = r["pipeline"]["settings"]
+        sel = "selective_200" if "selective_200" in rows else max((n for n in rows if n.startswith("selective")),
+                                                                  key=lambda n: rows[n].get("n_synthetic", 0),
+                                                                  default=None)
+        shown = [n for n in ("baseline", "random_50", sel) if n in rows]
+        if sel is None or not all("per_class" in m for n in shown for m in rows[n]["seeds"].values()):
+            continue
+        added = {c: v.get("n_fake") for c, v in rows[sel].get("fid_report", {}).get("per_class", {}).items()}
+        recall: dict[str, dict[str, float]] = {}
+        for n in shown:
+            by_class: dict[str, list[float]] = {}
+            for m in rows[n]["seeds"].values():
+                for c in m["per_class"]:
+                    by_class.setdefault(c["class"], []).append(c["sensitivity"])
+            recall[n] = {c: statistics.fmean(v) for c, v in by_class.items()}
+        lines += ["", f"### Per class, {SETTINGS[s]}: synthetic tiles added by {sel}, and sensitivity (%, mean over "
+                  "seeds)", "", f"| class | tiles added ({sel}) | " + " | ".join(shown) + f" | {sel} - baseline |",
+                  "|---|---|" + "---|" * (len(shown) + 1)]
+        for c in recall["baseline"]:
+            cells = [_f(100 * recall[n].get(c)) if c in recall[n] else "-" for n in shown]
+            gain = _f(100 * (recall[sel][c] - recall["baseline"][c]), "{:+.1f}") if c in recall[sel] else "-"
+            lines.append(f"| {c} | {_f(added.get(c), '{}')} | " + " | ".join(cells) + f" | {gain} |")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    timings_path = out / "timings.json"
-    timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
     started = time.perf_counter()
     data = out / "data"
     info = prepare_data(args, data)
     say(f"data: {info['how']}; tiles {info['tiles']}")
 
     def run_setting(setting: str) -> dict:
-        model = pretrain(args, setting, data, out, timings, timings_path)
-        augment = labeled_pipeline(args, setting, data, model, out, timings, timings_path)
-        t0, done = time.perf_counter(), (out / "measures" / f"{setting}.json").is_file()
+        model = pretrain(args, setting, data, out)
+        augment = labeled_pipeline(args, setting, data, model, out)
         measures = measure(args, setting, data, model, augment, out)
-        if not done:
-            add_time(timings, timings_path, f"{setting}-measures", time.perf_counter() - t0)
         say(f"{setting}: done")
         return {"pipeline": json.loads((augment / "results.json").read_text()), "measures": measures}
 
@@ -531,8 +568,7 @@ def main(argv: list[str] | None = None) -> int:
         results = {s: f.result() for s, f in futures.items()}
     else:
         results = {s: run_setting(s) for s in args.settings}
-    if timings_path.is_file():  # steps another command ran meanwhile
-        timings.update(json.loads(timings_path.read_text()))
+    timings = read_times(out)  # with the steps another command on the same --out ran meanwhile
     md = report(args, info, results, timings, out)
     (out / "evidence.json").write_text(json.dumps({"args": vars(args), "data": info, "timings": timings,
                                                     "results": results}, indent=1, default=str))

@@ -70,7 +70,7 @@ def classify(argv: list[str]) -> str | None:
     if first.startswith("ray::"):
         return "sites" if first.startswith(("ray::ClientAppActor", "ray::IDLE")) else "ray"
     names = [os.path.basename(a) for a in argv[:2]]
-    if "flower-superlink" in names or "flower-superexec" in names:
+    if "flower-superlink" in names or "flower-superexec" in names or ("-m" in argv and "server.superlink" in argv):
         return "superlink"
     if "flwr-simulation" in names:
         return "serverapp"

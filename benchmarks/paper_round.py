@@ -32,7 +32,7 @@ MB = 1e6
 # paper models, one local step of batch 1 on a few tiles; no pretrained LPIPS backbone needed (same compute)
 OVERRIDES = "weights.perceptual=random tiles.batch_size=1 tiles.num_workers=0"
 ROLES = (("client.trusted_clientapp", "clientapp"), ("flwr-clientapp", "clientapp"), ("flwr-serverapp", "serverapp"),
-         ("flower-superlink", "superlink"), ("flower-superexec", "superexec"), ("flower-supernode", "supernode"),
+         ("flower-superlink", "superlink"), ("server.superlink", "superlink"), ("flower-superexec", "superexec"), ("flower-supernode", "supernode"),
          ("server.run", "launcher"), ("client.run", "launcher"), ("flwr run", "flwr-cli"))
 
 
@@ -321,9 +321,10 @@ def run_federation(out: Path, dtype: str, sites: int, per_class: int, size: int,
         link_cmd = [sys.executable, "-m", "server.run", "--run-dir", str(run_dir), "--port", str(port), "--certs",
                     str(certs), "--config", config, "--timeout", str(timeout)]
         if state == "memory":
-            # Flower's in-memory SuperLink state (no --database): SQLite's 5 s lock timeout is not met on a busy
-            # 2-core machine while paper-size objects are written ("database is locked"); started here with TLS and
-            # SuperNode authentication as server.run starts it, and server.run joins it
+            # Flower's in-memory SuperLink state (no --database), started here with TLS and SuperNode
+            # authentication as server.run starts it, and server.run joins it. (Flower's 5 s SQLite lock timeout
+            # failed this benchmark's first check with "database is locked"; server.run's own SuperLink now waits
+            # up to 120 s for a lock: --superlink-state sqlite)
             link = flwr_cli.start(flwr_cli.superlink_cmd(port, certs), env, logs / "superlink.log", cwd=app)
             procs.append(link)
             groups["coordinator"].append(link.pid)
@@ -448,7 +449,7 @@ def main(argv=None) -> int:
     p.add_argument("--snapshot-only", action="store_true", help="copy the app to <out>/app and stop")
     p.add_argument("--superlink-state", choices=("memory", "sqlite"), default="memory",
                    help="memory: a SuperLink without --database, which server.run joins; sqlite: server.run's own "
-                        "SuperLink with its SQLite database (fails with 'database is locked' on a busy machine)")
+                        "SuperLink with its SQLite database (python -m server.superlink: a lock waits up to 120 s)")
     p.add_argument("--json", default=None, help="write all figures here (default: <out>/paper_round.json)")
     a = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -101,8 +102,11 @@ def superlink_cmd(port: int, certs: Path | None, database: Path | None = None, a
     """``flower-superlink`` on ``host:port``. In Flower 1.42 one HTTP(S) server there serves the Fleet API (what
     SuperNodes reach), the Control API (where ``flwr run`` submits runs) and the Runtime API: its
     ``--fleet-api-address``/``--control-api-address`` are deprecated and ignored (they only configure legacy gRPC
-    servers behind internal switches), so the Control API cannot be kept on loopback while sites connect."""
-    cmd = ["flower-superlink", "--host", host, "--port", str(port), "--disable-runtime-dependency-installation"]
+    servers behind internal switches), so the Control API cannot be kept on loopback while sites connect.
+    With a ``database`` the SuperLink runs through ``python -m server.superlink`` (Flower's own, waiting longer
+    for a busy SQLite lock: see that module)."""
+    launcher = [sys.executable, "-m", "server.superlink"] if database is not None else ["flower-superlink"]
+    cmd = [*launcher, "--host", host, "--port", str(port), "--disable-runtime-dependency-installation"]
     if certs is None:
         cmd.append("--insecure")
     else:

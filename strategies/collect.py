@@ -82,30 +82,33 @@ class WaitLog:
         if self.every <= 0 or now < self.next:
             return
         self.next = now + self.every
-        waiting = sorted(trip.pending.values())
+        waiting, queued = sorted(trip.pending.values()), trip.queued
         wall = time.time()
+        later = f" (and {len(queued)} not sent yet: max-parallel-sites)" if queued else ""
         self.say(f"[fed] {self.what}: waiting for {len(waiting)} of {self.asked} site(s): "
-                 f"{', '.join(str(n) for n in waiting)}; since {_clock(trip.pushed)} ({wall - trip.pushed:.0f} s), "
+                 f"{', '.join(str(n) for n in waiting)}{later}; since {_clock(trip.pushed)} ({wall - trip.pushed:.0f} s), "
                  f"deadline {_clock(trip.deadline_time)} (in {max(0.0, trip.deadline_time - wall):.0f} s)")
 
 
 def collect(grid: Grid, messages: list[Message], timeout: float, poll: float,
             take: Callable[[int, Message], int | None],
             refused: Callable[[int, str], None] | None = None, *,
-            say: Callable[[str], None] | None = None, every: float | None = None) -> Collected:
+            say: Callable[[str], None] | None = None, every: float | None = None, parallel: int = 0) -> Collected:
     """Push ``messages`` and feed each good reply to ``take`` (returns the bytes it received); a site whose reply is
     an error, or whose reply ``take`` rejects (KeyError, ValueError, TypeError, RuntimeError), is left out.
 
     While replies are awaited, every ``every`` seconds (default ``WAIT_LOG_EVERY``) one line goes to ``say``
-    (default: this module's logger) naming the sites still awaited, since when, and the deadline."""
+    (default: this module's logger) naming the sites still awaited, since when, and the deadline. ``parallel`` > 0:
+    at most that many messages out at once (``RoundTrip``)."""
     out = Collected([m.metadata.dst_node_id for m in messages])
     out.sent = {m.metadata.dst_node_id: sum(r.count_bytes() for r in m.content.array_records.values())
                 for m in messages}
     waiting = WaitLog(_what(messages), len(messages), WAIT_LOG_EVERY if every is None else every, say or log.info)
     out.pushed = time.time()
-    trip = RoundTrip(grid, messages, timeout, poll, tick=waiting)
+    trip = RoundTrip(grid, messages, timeout, poll, tick=waiting, parallel=parallel)
     out.push_seconds = time.time() - out.pushed
-    log.info("%s: %d message(s) pushed in %.2f s", _what(messages), len(messages), out.push_seconds)
+    log.info("%s: %d message(s) pushed in %.2f s%s", _what(messages), len(trip.pending), out.push_seconds,
+             f"; {len(trip.queued)} wait for a free slot (max-parallel-sites {parallel})" if trip.queued else "")
     messages.clear()  # the grid holds them now: one copy of each model in memory, not two
     for node, reply in trip:
         out.arrived[node] = time.time()

@@ -329,7 +329,8 @@ class Federation:
                 self.state.has_lae.remove(node)  # resend the encoder next time
 
         collecting = time.time()
-        got = collect(self.grid, messages, self.s.round_timeout, self.s.poll, take, refused, say=self.emit)
+        got = collect(self.grid, messages, self.s.round_timeout, self.s.poll, take, refused, say=self.emit,
+                      parallel=0 if secure else self.s.max_parallel_sites)
         aggregating = time.time()
         got.dropped.update(dropped)
         self._log_dropped(phase, got.dropped)
@@ -391,7 +392,8 @@ class Federation:
         collecting = time.time()
         got = collect(self.grid, messages, self.s.round_timeout, self.s.poll, take,
                       lambda node, why: self.privacy.record_refusal(node, "latent-stats",
-                                                                    self.state.global_round + 1, why), say=self.emit)
+                                                                    self.state.global_round + 1, why), say=self.emit,
+                      parallel=0 if secure else self.s.max_parallel_sites)
         aggregating = time.time()
         got.dropped.update(dropped)
         self._log_dropped("latent-stats", got.dropped)

@@ -16,19 +16,38 @@ from flwr.serverapp import Grid
 class RoundTrip:
     """Push ``messages``; iterate to get ``(node_id, reply)`` pairs; afterwards ``missing`` lists the silent nodes.
 
-    ``tick``: called once per poll while replies are awaited (``strategies.collect`` says what it waits for)."""
+    ``tick``: called once per poll while replies are awaited (``strategies.collect`` says what it waits for).
+    ``parallel`` > 0: at most that many messages are out at once; the next is pushed when a reply arrives (sites
+    that share one machine or one GPU node then train in waves, within the same deadline). 0: all at once."""
 
     def __init__(self, grid: Grid, messages: list[Message], timeout: float, poll: float = 0.5,
-                 tick: Callable[["RoundTrip"], None] | None = None):
+                 tick: Callable[["RoundTrip"], None] | None = None, parallel: int = 0):
         self.grid, self.poll, self.tick = grid, poll, tick
-        nodes = [m.metadata.dst_node_id for m in messages]
         self.pushed = time.time()
-        ids = list(grid.push_messages(messages))
-        self.pending: dict[str, int] = {mid: node for mid, node in zip(ids, nodes) if mid}
-        self.unsent: list[int] = [node for mid, node in zip(ids, nodes) if not mid]
         self.deadline = time.monotonic() + timeout
         self.deadline_time = self.pushed + timeout  # the same deadline, wall clock
+        self.pending: dict[str, int] = {}
+        self.unsent: list[int] = []
         self.missing: list[int] = []
+        self.limit = parallel if parallel > 0 else len(messages)
+        self._queue = list(messages)  # not yet pushed, in order
+        self._push()
+
+    @property
+    def queued(self) -> list[int]:
+        """The nodes whose messages wait for a free slot (``parallel``)."""
+        return [m.metadata.dst_node_id for m in self._queue]
+
+    def _push(self) -> None:
+        """Push queued messages while fewer than ``limit`` are out."""
+        while self._queue and len(self.pending) < self.limit:
+            free = self.limit - len(self.pending)
+            batch, self._queue = self._queue[:free], self._queue[free:]
+            nodes = [m.metadata.dst_node_id for m in batch]
+            ids = list(self.grid.push_messages(batch))
+            del batch
+            self.pending.update({mid: node for mid, node in zip(ids, nodes) if mid})
+            self.unsent += [node for mid, node in zip(ids, nodes) if not mid]
 
     def __iter__(self) -> Iterator[tuple[int, Message]]:
         while self.pending and time.monotonic() < self.deadline:
@@ -39,11 +58,12 @@ class RoundTrip:
                     if node is None:
                         node = self.pending.pop(mid, -1)
                     arrived = True
+                    self._push()  # a slot is free: the next site's message goes out before this reply is taken
                     yield node, reply
                     del reply
             if self.tick is not None and self.pending:
                 self.tick(self)
             if not arrived:
                 time.sleep(min(self.poll, max(0.0, self.deadline - time.monotonic())))
-        self.missing = self.unsent + list(self.pending.values())
-        self.pending = {}
+        self.missing = self.unsent + list(self.pending.values()) + self.queued
+        self.pending, self._queue = {}, []

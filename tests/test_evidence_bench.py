@@ -81,7 +81,16 @@ def test_report_gives_mean_and_std_over_seeds_and_flags_short_quotas(tmp_path):
     args = evidence.parse(["--lae-steps", "10", "profile=tiny"])
     results = {"labeled": _fake_result({"baseline": [0.5, 0.7], "selective_200": [0.6, 0.8]}),
                "federated": _fake_result({"baseline": [0.55, 0.65], "selective_200": [0.7, 0.7]})}
+    for r in results.values():  # downstream per-class metrics, and the selected tiles per class
+        for name, entry in r["pipeline"]["settings"].items():
+            for i, m in enumerate(entry["seeds"].values()):
+                m["per_class"] = [{"class": "A", "sensitivity": 0.5 + 0.1 * i}, {"class": "B", "sensitivity": 0.9}]
+            entry["fid_report"] = {"per_class": {"A": {"n_fake": 0}, "B": {"n_fake": 7}}}
+        r["pipeline"]["settings"]["selective_200"]["seeds"]["0"]["per_class"][1]["sensitivity"] = 0.6
     md = evidence.report(args, {"how": "test data", "tiles": {}}, results, {"labeled-lae": 60.0}, tmp_path)
+    assert "| A | 0 | 55.0 | 55.0 | +0.0 |" in md  # A: no synthetic tiles added; mean of 0.5 and 0.6; no change
+    assert "| B | 7 | 90.0 | 75.0 | -15.0 |" in md  # B: (0.6 + 0.9) / 2 at selective 200%
+    assert "| class | tiles added (selective_200) | baseline | selective_200 | selective_200 - baseline |" in md
     assert "| baseline | 60.0 ± 14.1 | 60.0 ± 7.1 |" in md
     assert "| selective_200 | 70.0 ± 14.1 (quota short) | 70.0 ± 0.0 (quota short) |" in md
     assert "| class fidelity, selective_200 (%) | 75.0 | 75.0 |" in md
@@ -96,29 +105,28 @@ def test_overrides_may_come_between_options():
 
 
 def test_step_times_from_separate_commands_are_merged_not_overwritten(tmp_path):
-    path = tmp_path / "timings.json"
-    first, second = {}, {}  # two commands on the same --out, each with the timings it read at its start
-    evidence.add_time(first, path, "labeled-lae", 60.0)
-    evidence.add_time(second, path, "federated-pretrain", 120.0)
-    evidence.add_time(first, path, "labeled-lae", 30.0)  # a resumed step adds up
-    assert json.loads(path.read_text()) == {"labeled-lae": 90.0, "federated-pretrain": 120.0}
+    evidence.add_time(tmp_path, "labeled-lae", 60.0)  # two commands on the same --out add their steps' times
+    evidence.add_time(tmp_path, "federated-pretrain", 120.0)
+    evidence.add_time(tmp_path, "labeled-lae", 30.0)  # a resumed step adds up
+    assert json.loads((tmp_path / "timings.json").read_text()) == {"labeled-lae": 90.0, "federated-pretrain": 120.0}
+    assert evidence.read_times(tmp_path) == {"labeled-lae": 90.0, "federated-pretrain": 120.0}
 
 
 def test_jobs_run_settings_at_once_and_report_them_all(tmp_path, monkeypatch):
     running, overlap = set(), []
     lock = threading.Lock()
 
-    def fake_pretrain(args, setting, data, out, timings, timings_path):
+    def fake_pretrain(args, setting, data, out):
         with lock:
             running.add(setting)
             overlap.append(len(running))
         time.sleep(0.3)
         with lock:
             running.discard(setting)
-        evidence.add_time(timings, timings_path, f"{setting}-pretrain", 1.0)
+        evidence.add_time(out, f"{setting}-pretrain", 1.0)
         return tmp_path / setting
 
-    def fake_pipeline(args, setting, data, model, out, timings, timings_path):
+    def fake_pipeline(args, setting, data, model, out):
         where = tmp_path / "augment" / setting
         where.mkdir(parents=True, exist_ok=True)
         (where / "results.json").write_text('{"settings": {}}')

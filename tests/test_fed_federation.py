@@ -121,11 +121,10 @@ def test_fedprox_term_runs_inside_local_training(tmp_path, monkeypatch):
     assert calls and set(calls) == {0.01}
 
 
-def test_collect_says_which_sites_it_still_waits_for(monkeypatch):
-    from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+def _ping_app():
+    """A ClientApp that answers ``query.ping`` at once."""
+    from flwr.app import Message, MetricRecord, RecordDict
     from flwr.clientapp import ClientApp
-
-    import strategies.collect as collect_module
 
     ping = ClientApp()
 
@@ -133,6 +132,15 @@ def test_collect_says_which_sites_it_still_waits_for(monkeypatch):
     def _ping(message, context):
         return Message(RecordDict({"metrics": MetricRecord({"ok": 1})}), reply_to=message)
 
+    return ping
+
+
+def test_collect_says_which_sites_it_still_waits_for(monkeypatch):
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    import strategies.collect as collect_module
+
+    ping = _ping_app()
     monkeypatch.setattr(collect_module, "WAIT_LOG_EVERY", 0.25)
     grid = InProcessGrid(ping, {n: {} for n in (1, 2, 3, 4)}, {})
     grid.silent.update({3, 4})  # these two never answer
@@ -177,3 +185,50 @@ def test_a_round_says_what_it_waits_for_and_writes_tensorboard(tmp_path, monkeyp
     events = list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
     assert events and json.loads((tmp_path / "run" / "tensorboard" / "rounds_written.json").read_text()) == \
         {"last_global_round": 2}  # the LAE round and the latent-statistics round
+
+
+class _CountingGrid(InProcessGrid):
+    """Records the most messages out (pushed, not yet answered) at any time, of the kinds ``counted`` starts with
+    (the sites' role queries at the start are light and always go out at once)."""
+
+    most_out = 0
+    counted = ("train.", "query.latent_stats", "query.ping")
+
+    def push_messages(self, messages):
+        ids = super().push_messages(messages)
+        out = sum(m.metadata.message_type.startswith(self.counted) for m in self._pending.values())
+        self.most_out = max(self.most_out, out)
+        return ids
+
+
+def test_max_parallel_sites_trains_in_waves_to_the_same_global_model(tmp_path):
+    results = {}
+    for parallel in (0, 1):
+        rc = _run_config(tmp_path / str(parallel), **{"dm-rounds": 0, "deliver": False, "min-sites": 3,
+                                                      "memorisation-samples": 0, "max-parallel-sites": parallel})
+        grid = _CountingGrid(app, {10 + i: {"partition-id": i, "num-partitions": 3} for i in range(3)}, rc)
+        fed = _federation(grid, rc)
+        assert fed.run().status == "done"
+        results[parallel] = (grid.most_out, {k: v.clone() for k, v in fed.weights.items()},
+                             read_metrics(tmp_path / str(parallel) / "run"))
+    assert results[0][0] == 3 and results[1][0] == 1  # all at once, then one site at a time
+    for k, v in results[0][1].items():
+        assert torch.equal(v, results[1][1][k]), k  # the same updates, added in the same order
+    assert [m["sites_answered"] for m in results[1][2]] == [3, 3]  # the LAE round and the latent statistics
+
+
+def test_waves_keep_the_round_deadline_and_name_the_sites_never_sent(monkeypatch):
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    import strategies.collect as collect_module
+
+    ping = _ping_app()
+    monkeypatch.setattr(collect_module, "WAIT_LOG_EVERY", 0.2)
+    grid = _CountingGrid(ping, {n: {} for n in (1, 2, 3, 4)}, {})
+    grid.silent.add(2)  # holds its slot until the deadline: 3 and 4 are never sent
+    lines = []
+    messages = [Message(RecordDict({"config": ConfigRecord({})}), n, "query.ping") for n in (1, 2, 3, 4)]
+    got = collect_module.collect(grid, messages, 0.8, 0.05, lambda node, reply: 0, say=lines.append, parallel=1)
+    assert got.answered == [1] and set(got.dropped) == {2, 3, 4} and grid.most_out == 1
+    assert [m.metadata.dst_node_id for m in grid.sent] == [1, 2]
+    assert any("waiting for 1 of 4 site(s): 2 (and 2 not sent yet: max-parallel-sites)" in x for x in lines), lines

@@ -157,7 +157,7 @@ def bring_up(tmp_path: Path, started: loopback.Processes) -> dict:
     link_pod = Pod(link_obj, tmp_path / "superlink", claims, secrets)
     link_c = link_pod.spec["containers"][0]
     argv, env, cwd = link_pod.command(link_c, {}, {"0.0.0.0": "127.0.0.1", service_port: str(link_port)})
-    assert argv[0] == "flower-superlink"
+    assert argv[:3] == [sys.executable, "-m", "server.superlink"]
     link = started.start("superlink", argv, env, cwd)
     probe = link_c["startupProbe"]
     wait_for(lambda: link.poll() is not None or (http_probe(probe, link_port) or 0) in range(200, 400),

@@ -231,7 +231,7 @@ def test_superlink_is_single_with_persistent_state_and_health_probes(rendered):
     spec = render.pod_spec(deploy)
     c = spec["containers"][0]
     argv = render.container_argv(c)
-    assert argv[0] == "flower-superlink"
+    assert argv[:3] == ["python", "-m", "server.superlink"]
     assert argv[argv.index("--host") + 1] == "0.0.0.0"
     port = int(argv[argv.index("--port") + 1])
     assert port == API_PORT

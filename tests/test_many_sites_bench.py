@@ -32,6 +32,7 @@ def test_classify_flower_and_ray_processes():
     venv = "/v/bin/"
     assert ms.classify([f"{venv}python", f"{venv}flower-superlink", "--insecure", "--simulation"]) == "superlink"
     assert ms.classify([f"{venv}python", f"{venv}flower-superexec", "--insecure"]) == "superlink"
+    assert ms.classify([f"{venv}python", "-m", "server.superlink", "--database", "s.db"]) == "superlink"
     assert ms.classify([f"{venv}python", f"{venv}flwr-simulation", "--runtime-api-address", "x"]) == "serverapp"
     assert ms.classify([f"{venv}python", f"{venv}flwr", "run", "/app", "histodiff", "--stream"]) == "launcher"
     assert ms.classify([f"{venv}python", "-m", "server.run", "--simulation", "5"]) == "launcher"

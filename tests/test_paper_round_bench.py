@@ -45,6 +45,11 @@ def test_proc_snapshot_groups_roles_by_process_tree(tmp_path):
                     "site0/supernode": 60 * 1024, "site0/clientapp": 1000 * 1024}
 
 
+def test_the_superlink_is_recognised_with_or_without_a_database():
+    assert pr.role_of("python /venv/bin/flower-superlink --insecure --simulation") == "superlink"
+    assert pr.role_of("python -m server.superlink --port 1 --database run/superlink.db") == "superlink"
+
+
 def test_peaks_are_per_instant_sums_within_the_window():
     samples = [(1.0, {"coordinator/superlink": 5, "coordinator/serverapp": 10, "site0/clientapp": 100}),
                (2.0, {"coordinator/superlink": 7, "coordinator/serverapp": 1, "site0/clientapp": 50}),

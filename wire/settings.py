@@ -33,6 +33,9 @@ class Settings:
     min_sites: int = 2
     round_timeout: float = 600.0  # seconds a round waits for replies
     wait_timeout: float = 300.0  # seconds the run waits for min-sites before it stops
+    # training and latent-statistics messages out at once (0: all): sites sharing one machine or GPU node train in
+    # waves, within round-timeout; the aggregate is the same
+    max_parallel_sites: int = 0
     transfer_dtype: str = "fp32"  # fp32 | bf16 | fp16 | int8 (updates up, deltas down; error feedback)
     strategy: str = "fedavg"
     proximal_mu: float = 0.0
@@ -91,7 +94,8 @@ class Settings:
                                 f"expected one of {', '.join(TRANSFER_DTYPES)}")
         if self.strategy not in STRATEGIES:
             raise SettingsError(f"run-config key 'strategy' = {self.strategy!r}; expected one of {', '.join(STRATEGIES)}")
-        for key in ("lae_rounds", "dm_rounds", "lae_local_steps", "dm_local_steps", "phantom_per_class"):
+        for key in ("lae_rounds", "dm_rounds", "lae_local_steps", "dm_local_steps", "phantom_per_class",
+                    "max_parallel_sites"):
             if getattr(self, key) < 0:
                 raise SettingsError(f"run-config key '{key.replace('_', '-')}' must be >= 0")
         for key in ("local_steps", "min_sites", "dp_population"):
