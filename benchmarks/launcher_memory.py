@@ -7,15 +7,12 @@
 
 Each runs for ``--seconds`` while ``/proc`` is sampled every 0.25 s; the table gives the peak RSS of each process
 role in the launcher's tree (the launcher itself, its ``flwr run`` child, the SuperNode, the SuperLink ...). Then
-the launcher gets SIGTERM and everything it started is stopped. docs/benchmarks.md quotes the output.
+the launcher's process group gets SIGTERM (SIGKILL after 60 s). docs/benchmarks.md quotes the output.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,24 +27,17 @@ ROLE_NAMES = {"other": "other (client.run: the tile check's spawned child, gone 
 
 def measure(name: str, cmd: list[str], seconds: float, log: Path) -> dict[str, int]:
     """Start ``cmd`` in its own process group, sample its tree for ``seconds``, stop it; peak RSS per role."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1")
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    from server import flwr_cli
+
+    proc = flwr_cli.start(cmd, flwr_cli.flower_env(), log)
     sampler = Sampler({name: [proc.pid]}, max_rss=64 * GB, min_available=0).start()
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.25)
     sampler.stop()
     ended = proc.poll()
-    if ended is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    else:
+    flwr_cli.stop(proc, grace=60.0)
+    if ended is not None:
         tail = log.read_text(errors="replace").strip().splitlines()[-5:]
         raise SystemExit(f"error: {name} ended early (exit {ended}) after less than {seconds:.0f} s; its log "
                          f"{log}:\n  " + "\n  ".join(tail))

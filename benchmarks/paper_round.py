@@ -32,7 +32,8 @@ MB = 1e6
 # paper models, one local step of batch 1 on a few tiles; no pretrained LPIPS backbone needed (same compute)
 OVERRIDES = "weights.perceptual=random tiles.batch_size=1 tiles.num_workers=0"
 ROLES = (("client.trusted_clientapp", "clientapp"), ("flwr-clientapp", "clientapp"), ("flwr-serverapp", "serverapp"),
-         ("flower-superlink", "superlink"), ("server.superlink", "superlink"), ("flower-superexec", "superexec"), ("flower-supernode", "supernode"),
+         ("flower-superlink", "superlink"), ("server.superlink", "superlink"), ("flower-superexec", "superexec"),
+         ("flower-supernode", "supernode"),
          ("server.run", "launcher"), ("client.run", "launcher"), ("flwr run", "flwr-cli"))
 
 

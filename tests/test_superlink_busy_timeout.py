@@ -29,20 +29,19 @@ def _write_while_locked(db, hold_s: float) -> tuple[Exception | None, float]:
 
     store = SqlObjectStore(str(db))
     store.initialize()
-    locked, release = threading.Event(), threading.Event()
+    locked = threading.Event()
 
     def hold():
         other = sqlite3.connect(db, isolation_level=None)
         other.execute("BEGIN IMMEDIATE")  # the write lock, as a long write of another request holds it
         locked.set()
-        release.wait(hold_s)
+        time.sleep(hold_s)
         other.execute("COMMIT")
         other.close()
 
     holder = threading.Thread(target=hold)
     holder.start()
     locked.wait(10)
-    threading.Timer(hold_s, release.set).start()
     start = time.monotonic()
     try:
         store.query("CREATE TABLE probe (x INTEGER)")
