@@ -154,6 +154,31 @@ def peaks(samples: list, start: float = 0.0, end: float = float("inf")) -> dict[
     return out
 
 
+def peak_moment(samples: list, key: str, start: float = 0.0, end: float = float("inf")) -> tuple[int, float]:
+    """(peak bytes of ``key``, when) between ``start`` and ``end``."""
+    best = (0, 0.0)
+    for t, snap in samples:
+        if start <= t <= end and snap.get(key, 0) > best[0]:
+            best = (snap[key], t)
+    return best
+
+
+def server_event_before(line: dict, t: float) -> str:
+    """What the ServerApp last did before time ``t`` in a round (``metrics.jsonl`` timeline): the push, a reply
+    arriving, or a reply taken (checked and added; with ``max-parallel-sites`` the next push follows it)."""
+    tl = line.get("timeline") or {}
+    take = tl.get("take_seconds") or {}
+    events = [(float(tl.get("pushed", 0.0)), "the first push started")]
+    for node, arrived in (tl.get("arrived") or {}).items():
+        events.append((float(arrived), f"site {node}'s reply arrived"))
+        events.append((float(arrived) + float(take.get(node, 0.0)), f"site {node}'s reply taken"))
+    before = [e for e in events if e[0] <= t]
+    if not before:
+        return "before the first push"
+    at, what = max(before)
+    return f"{t - at:.0f} s after {what}"
+
+
 # ---------------------------------------------------------------------------------------------- round stages
 
 
@@ -375,6 +400,11 @@ def run_federation(out: Path, dtype: str, sites: int, per_class: int, size: int,
             "bytes_sent": line["bytes_sent"], "bytes_received": line["bytes_received"],
             "server_stages": line.get("stages", {})}
         summary["peaks"] = peaks(sampler.samples, start - 1.0, line["time"] + 1.0)
+        summary["peak_at"] = {}
+        for key in ("coordinator/serverapp", "coordinator/superlink"):
+            value, t = peak_moment(sampler.samples, key, start - 1.0, line["time"] + 1.0)
+            if value:
+                summary["peak_at"][key] = {"bytes": value, "seconds": t - start, "when": server_event_before(line, t)}
         rounds.append(summary)
     return {"dtype": dtype, "sites": sites, "profile": profile, "app": str(app), "superlink_state": state, "status": status, "tiles_per_site": per_class * 9, "image_size": size,
             "seconds": time.time() - started, "rounds": rounds, "peaks": peaks(sampler.samples),
@@ -404,6 +434,9 @@ def report(result: dict, limits: dict | None = None) -> str:
                             for i in range(result["sites"]))
                 + f", all {_gb(p.get('total', 0))}")
         lines.append(head)
+        for key, at in (r.get("peak_at") or {}).items():
+            lines.append(f"              {key.split('/')[1]} peak {_gb(at['bytes'])} GB at +{at['seconds']:.0f} s: "
+                         f"{at['when']}")
         if "slowest_site" in r:
             s = r["slowest_site"]
             lines.append("              slowest site: " + ", ".join(f"{k} {s[k]:.1f}" for k in STAGE_ORDER if k in s)

@@ -17,12 +17,13 @@ from flwr.clientapp import ClientApp
 
 from client import site_privacy, task
 from client.outbox import check_outgoing
-from wire import contract, downlink
+from wire import contract, downlink, flower_transfer
 from wire.codec import ErrorFeedback, from_record
 from wire.contract import ARRAYS_KEY, AUTOENCODER_KEY, CONFIG_KEY, MEMORISATION_METRICS, METRICS_KEY, UNET_KEY
 from wire.secagg import RECORD_KEY, REPLY_FIELDS, STATS_SHAPES, WEIGHT_KEY, SecAggParams, SiteSecAgg
 from wire.settings import Settings
 
+flower_transfer.install()  # the reply is pushed without a second copy of the update (wire/flower_transfer.py)
 app = ClientApp()
 
 

@@ -1,4 +1,5 @@
-"""Coordinator: ``python -m server.run [--superlink HOST:PORT] [--resume RUN_DIR] [--config 'k=v ...']``.
+"""Coordinator: ``python -m server.run [--superlink HOST:PORT] [--resume RUN_DIR | --resume-or-start RUN_DIR]
+[--config 'k=v ...']``.
 
 Starts a SuperLink (TLS + SuperNode authentication unless ``--insecure``) or joins one, submits the federated
 run with ``flwr run`` under a project-controlled FLWR_HOME, streams one progress line per round, and stops
@@ -42,7 +43,12 @@ SHOWN = ("[fed]", "FEDERATION", "Successfully started run", "ERROR", "resumed", 
 def parse(argv):
     p = argparse.ArgumentParser(prog="python -m server.run", description=__doc__)
     p.add_argument("--run-dir", default="runs/federated")
-    p.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue the run in RUN_DIR at its next round")
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--resume", metavar="RUN_DIR", default=None,
+                       help="continue the run in RUN_DIR at its next round (refused when RUN_DIR holds no run)")
+    start.add_argument("--resume-or-start", metavar="RUN_DIR", default=None,
+                       help="continue the run in RUN_DIR, or start one there when RUN_DIR is missing or empty (what "
+                            "a restarted Kubernetes Job runs); refused when RUN_DIR holds other files")
     p.add_argument("--superlink", default=None, help="join this SuperLink (HOST:PORT) instead of starting one")
     p.add_argument("--port", type=int, default=None, help="port of the SuperLink to start (default: a free one)")
     p.add_argument("--host", default=None,
@@ -69,6 +75,16 @@ def parse(argv):
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     args = parse(sys.argv[1:] if argv is None else argv)
+    if args.resume_or_start:
+        target = Path(args.resume_or_start)
+        if (target / COORDINATOR_FILE).is_file() or (target / STATE_FILE).is_file():
+            args.resume = args.resume_or_start
+        elif target.exists() and (not target.is_dir() or any(target.iterdir())):
+            print(f"error: --resume-or-start {args.resume_or_start}: holds files but no federated run (no "
+                  f"{COORDINATOR_FILE} or {STATE_FILE}); give an empty or new folder", file=sys.stderr)
+            return 2
+        else:
+            args.run_dir = args.resume_or_start
     run_dir = Path(args.resume or args.run_dir).resolve()
     if args.resume and not ((run_dir / COORDINATOR_FILE).is_file() or (run_dir / STATE_FILE).is_file()):
         print(f"error: --resume {args.resume}: not a federated run directory (no {COORDINATOR_FILE} or "

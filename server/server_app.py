@@ -8,6 +8,9 @@ from flwr.app import Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
+from wire import flower_transfer
+
+flower_transfer.install()  # pushes and pulls without a second copy of the model (wire/flower_transfer.py)
 app = ServerApp()
 
 

@@ -15,7 +15,7 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 
 from strategies.aggregate import ReplyMismatch
-from strategies.rounds import RoundTrip
+from strategies.rounds import Later, RoundTrip, array_bytes
 
 log = logging.getLogger("histodiff.fed")
 WAIT_LOG_EVERY = 30.0  # seconds between "still waiting for" lines while replies are collected (0: never)
@@ -60,7 +60,7 @@ def _clock(t: float) -> str:
     return time.strftime("%H:%M:%S", time.localtime(t))
 
 
-def _what(messages: list[Message]) -> str:
+def _what(messages: list[Message | Later]) -> str:
     """``train.lae (global round 3)``: the message kind and the round (its group id) a collection is for."""
     if not messages:
         return "replies"
@@ -90,7 +90,7 @@ class WaitLog:
                  f"deadline {_clock(trip.deadline_time)} (in {max(0.0, trip.deadline_time - wall):.0f} s)")
 
 
-def collect(grid: Grid, messages: list[Message], timeout: float, poll: float,
+def collect(grid: Grid, messages: list[Message | Later], timeout: float, poll: float,
             take: Callable[[int, Message], int | None],
             refused: Callable[[int, str], None] | None = None, *,
             say: Callable[[str], None] | None = None, every: float | None = None, parallel: int = 0) -> Collected:
@@ -99,10 +99,9 @@ def collect(grid: Grid, messages: list[Message], timeout: float, poll: float,
 
     While replies are awaited, every ``every`` seconds (default ``WAIT_LOG_EVERY``) one line goes to ``say``
     (default: this module's logger) naming the sites still awaited, since when, and the deadline. ``parallel`` > 0:
-    at most that many messages out at once (``RoundTrip``)."""
+    at most that many messages out at once (``RoundTrip``; a ``Later`` entry is built at its turn)."""
     out = Collected([m.metadata.dst_node_id for m in messages])
-    out.sent = {m.metadata.dst_node_id: sum(r.count_bytes() for r in m.content.array_records.values())
-                for m in messages}
+    out.sent = {m.metadata.dst_node_id: 0 if isinstance(m, Later) else array_bytes(m) for m in messages}
     waiting = WaitLog(_what(messages), len(messages), WAIT_LOG_EVERY if every is None else every, say or log.info)
     out.pushed = time.time()
     trip = RoundTrip(grid, messages, timeout, poll, tick=waiting, parallel=parallel)
@@ -127,6 +126,7 @@ def collect(grid: Grid, messages: list[Message], timeout: float, poll: float,
             out.dropped[node] = f"malformed reply ({type(exc).__name__}: {str(exc)[:160]})"
             if refused is not None:
                 refused(node, str(exc))
+    out.sent.update(trip.sent)  # the messages built at their turn
     for node in trip.missing:
         out.dropped[node] = "missed the round deadline"
     return out

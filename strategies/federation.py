@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.exception import PrivacyBudgetExhausted as CentralBudgetExhausted
 
@@ -27,6 +27,7 @@ from strategies.board import RunBoard
 from strategies.collect import Collected, RoundFailed, collect
 from strategies.privacy_ledger import CentralDP, PrivacyLedger, without_privacy_metrics
 from strategies.report import progress_line, round_line
+from strategies.rounds import Later
 from strategies.schedule import Plan, ServerState, advance, load_state, save_state, start_state
 from strategies.secure_rounds import SecureRounds, summary
 from strategies.server_opt import ServerEMA, build_server_optimizer
@@ -283,16 +284,31 @@ class Federation:
         if self.cfg.privacy.secagg:  # stages 1-2: keys and encrypted shares; the sites that finish them train
             floating = {k: tuple(v.shape) for k, v in base.items() if v.is_floating_point()}
             secure = self.secure.open(phase, self.state.global_round + 1, nodes, floating, dropped)
-        ae_record = to_record(self._autoencoder()) if phase == "dm" else None
-        messages = []
-        for node in (secure.sharers if secure else nodes):
+        kind, parallel = f"train.{phase}", 0 if secure else self.s.max_parallel_sites
+
+        def build(node: int, ae: ArrayRecord | None = None) -> Message:
             arrays, downlink = down.record_for(node)
             content = RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: self._config(phase, **downlink)})
-            if ae_record is not None and node not in self.state.has_lae:
-                content[AUTOENCODER_KEY] = ae_record  # the frozen encoder, once per site
+            if phase == "dm" and node not in self.state.has_lae:  # the frozen encoder, once per site
+                content[AUTOENCODER_KEY] = ae if ae is not None else to_record(self._autoencoder())
             if secure:
                 content[RECORD_KEY] = secure.forward(node, equal_weights=self.central is not None)
-            messages.append(self._message(content, node, f"train.{phase}"))
+            return self._message(content, node, kind)
+
+        def build_later(node: int) -> Message:
+            message = build(node)
+            down.release()  # this site's encoded copy lives until it is pushed
+            return message
+
+        ae_record = to_record(self._autoencoder()) if phase == "dm" else None  # one, shared by the messages built now
+        messages: list = []
+        for i, node in enumerate(secure.sharers if secure else nodes):
+            if parallel and i >= parallel and not down.lossy:
+                # sites in waves with the whole fp32 model: a queued site's message is encoded at its turn, not
+                # held through the earlier waves (a lossy dtype's delta is one record shared by all: built now)
+                messages.append(Later(node, kind, str(self.state.global_round + 1), lambda n=node: build_later(n)))
+            else:
+                messages.append(build(node, ae_record))
         del ae_record
         down.release()  # the messages hold the encoded model now; it is gone once they are pushed
         acc = None if secure else build_aggregator(self.s.aggregator, {k: tuple(v.shape) for k, v in base.items()},
@@ -330,7 +346,7 @@ class Federation:
 
         collecting = time.time()
         got = collect(self.grid, messages, self.s.round_timeout, self.s.poll, take, refused, say=self.emit,
-                      parallel=0 if secure else self.s.max_parallel_sites)
+                      parallel=parallel)
         aggregating = time.time()
         got.dropped.update(dropped)
         self._log_dropped(phase, got.dropped)

@@ -3,6 +3,7 @@ and a 1-site federated run against the single-site run with the same seed and st
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from flwr.supercore.task_identity import TaskIdentity
@@ -215,6 +216,37 @@ def test_max_parallel_sites_trains_in_waves_to_the_same_global_model(tmp_path):
     for k, v in results[0][1].items():
         assert torch.equal(v, results[1][1][k]), k  # the same updates, added in the same order
     assert [m["sites_answered"] for m in results[1][2]] == [3, 3]  # the LAE round and the latent statistics
+    # the queued sites' messages were built at their turn (Later) and their bytes are counted the same
+    assert results[0][2][0]["bytes_sent_per_site"] == results[1][2][0]["bytes_sent_per_site"]
+
+
+def test_waves_build_a_queued_message_after_the_previous_reply_is_taken():
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+
+    import strategies.collect as collect_module
+    from strategies.rounds import Later, array_bytes
+
+    grid = _CountingGrid(_ping_app(), {n: {} for n in (1, 2, 3)}, {})
+    events = []
+
+    def message(node):
+        content = RecordDict({"config": ConfigRecord({}), "arrays": ArrayRecord({"w": Array(np.zeros(10, np.float32))})})
+        return Message(content, node, "query.ping")
+
+    def later(node):
+        def build():
+            events.append(f"build {node}")
+            return message(node)
+        return Later(node, "query.ping", "", build)
+
+    def take(node, reply):
+        events.append(f"take {node}")
+        return 0
+
+    got = collect_module.collect(grid, [message(1), later(2), later(3)], 30.0, 0.01, take, parallel=1)
+    assert got.answered == [1, 2, 3] and grid.most_out == 1
+    assert events == ["take 1", "build 2", "take 2", "build 3", "take 3"]  # never a reply and a push together
+    assert got.sent == {n: array_bytes(message(n)) for n in (1, 2, 3)} and got.sent[3] > 0  # built ones counted
 
 
 def test_waves_keep_the_round_deadline_and_name_the_sites_never_sent(monkeypatch):

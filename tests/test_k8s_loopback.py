@@ -218,7 +218,7 @@ def test_manifest_commands_bring_up_a_tls_authenticated_federation(tmp_path, sta
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_coordinator_job_command_runs_a_tiny_federation(tmp_path, started):
-    """The coordinator Job's main container (server.run --superlink ... --resume /state/runs/...) on a tiny run:
+    """The coordinator Job's main container (server.run --superlink ... --resume-or-start /state/runs/...) on a tiny run:
     the ServerApp inside the SuperLink "pod" and the Job must see the same run directory on the shared claim."""
     from strategies.schedule import load_state
     from tests.e2e.loopback import run_config
@@ -232,7 +232,7 @@ def test_coordinator_job_command_runs_a_tiny_federation(tmp_path, started):
     assert argv[1:3] == ["-m", "server.run"]
     res = subprocess.run(argv + ["--timeout", "420"], env=env, cwd=cwd, capture_output=True, text=True, timeout=480)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:] + started.log("superlink")
-    run_dir = Path(argv[argv.index("--resume") + 1])
+    run_dir = Path(argv[argv.index("--resume-or-start") + 1])
     assert run_dir.is_relative_to(up["claims"]["histodiff-superlink-state"])
     state = load_state(run_dir)
     assert state.status == "done" and state.scale_factor > 0

@@ -250,11 +250,11 @@ def test_superlink_is_single_with_persistent_state_and_health_probes(rendered):
         assert container_port[get["port"]] == port
     service = _one(objects, "Service", "histodiff-superlink")
     assert [p["port"] for p in service["spec"]["ports"]] == [port]
-    # the coordinator Job shares the run directory: its --resume path lies on the same claim
+    # the coordinator Job shares the run directory: its --resume-or-start path lies on the same claim
     job = _one(objects, "Job", "histodiff-coordinator")
     job_spec = render.pod_spec(job)
     run = render.container_argv(job_spec["containers"][0])
-    run_dir = run[run.index("--resume") + 1]
+    run_dir = run[run.index("--resume-or-start") + 1]
     job_mounts = {m["mountPath"]: m["name"] for m in job_spec["containers"][0]["volumeMounts"]}
     job_mount = next(p for p in job_mounts if run_dir.startswith(p + "/"))
     job_volumes = {v["name"]: v for v in job_spec["volumes"]}
@@ -284,7 +284,7 @@ def test_sites_dial_the_superlink_service_and_coordinator_registers_every_site(r
 def test_exactly_the_labeled_sites_run_augmentation(rendered):
     coord_job = render.pod_spec(_one(rendered["coordinator"], "Job", "histodiff-coordinator"))
     run_dir = render.container_argv(coord_job["containers"][0])
-    run_name = Path(run_dir[run_dir.index("--resume") + 1]).name
+    run_name = Path(run_dir[run_dir.index("--resume-or-start") + 1]).name
     labeled = []
     for site in SITES:
         objects = rendered[site]

@@ -72,6 +72,18 @@ def _line():
                 "2": {"loss": 0.2, "clock-handler-start": 120.0, "clock-reply": 141.0, "seconds-train": 20.0}}}
 
 
+def test_peak_moment_and_what_the_server_did_before_it():
+    samples = [(100.0, {"coordinator/serverapp": 3}), (140.2, {"coordinator/serverapp": 9}),
+               (150.0, {"coordinator/serverapp": 4})]
+    assert pr.peak_moment(samples, "coordinator/serverapp") == (9, 140.2)
+    assert pr.peak_moment(samples, "coordinator/serverapp", 145.0) == (4, 150.0)
+    line = _line()
+    assert pr.server_event_before(line, 99.0) == "before the first push"
+    assert pr.server_event_before(line, 120.0) == "20 s after the first push started"
+    assert pr.server_event_before(line, 140.2) == "0 s after site 1's reply arrived"
+    assert pr.server_event_before(line, 148.0) == "2 s after site 2's reply taken"
+
+
 def test_site_stages_split_the_round_trip():
     stages = pr.site_stages(_line())
     assert stages["1"] == {"send": 10.0, "process-start": 5.0, "receive": 2.0, "train": 12.0,

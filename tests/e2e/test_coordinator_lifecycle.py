@@ -56,6 +56,14 @@ def test_bad_arguments_are_refused_before_anything_starts(tmp_path):
     res = run("--resume", str(tmp_path / "typo"))
     assert res.returncode == 2 and "not a federated run directory" in res.stderr
     assert not (tmp_path / "typo").exists()  # a mistyped folder is not created
+    (tmp_path / "stray").mkdir()
+    (tmp_path / "stray" / "notes.txt").write_text("not a run")
+    res = run("--resume-or-start", str(tmp_path / "stray"))
+    assert res.returncode == 2 and "holds files but no federated run" in res.stderr
+    res = run("--resume-or-start", str(tmp_path / "new"), "--config", "lae-rounds=-1")  # a new folder: a start,
+    assert res.returncode == 2 and "'lae-rounds'" in res.stderr  # so it reaches the config check
+    res = run("--resume", str(tmp_path / "new"), "--resume-or-start", str(tmp_path / "new"))
+    assert res.returncode == 2 and "not allowed with" in res.stderr
     res = run("--run-dir", str(tmp_path / "r"), "--simulation", "2", "--config", "this is not toml")
     assert res.returncode == 2 and "cannot parse" in res.stderr and len(res.stderr.strip().splitlines()) == 1
     res = run("--run-dir", str(tmp_path / "r"), "--simulation", "2", "--config", "lae-rounds=-1")
