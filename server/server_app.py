@@ -11,6 +11,7 @@ from flwr.serverapp import Grid, ServerApp
 from wire import flower_transfer
 
 flower_transfer.install()  # pushes and pulls without a second copy of the model (wire/flower_transfer.py)
+flower_transfer.return_large_frees()  # freed replies go back to the system, not into a grown heap
 app = ServerApp()
 
 

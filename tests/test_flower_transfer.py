@@ -157,3 +157,25 @@ def test_install_fails_in_one_line_on_another_layout(monkeypatch):
     monkeypatch.delattr(iu, "push_object_contents_from_iterable")
     with pytest.raises(RuntimeError, match="lacks .*push_object_contents_from_iterable"):
         flower_transfer.install()
+
+
+def test_large_frees_go_back_to_the_system():
+    import subprocess
+    import sys
+
+    code = """
+from wire import flower_transfer
+def rss(): return int(open('/proc/self/statm').read().split()[1]) * 4096
+print(flower_transfer.return_large_frees())
+for _ in range(3):  # replies: many 5 MB pieces alive together, then freed
+    pieces = [bytes(bytearray(5 << 20)) for _ in range(40)]
+    del pieces
+    before = rss() if _ == 0 else before
+print((rss() - before) >> 20)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    ok, grown = out.stdout.split()
+    if ok != "True":
+        pytest.skip("no glibc mallopt here")
+    assert int(grown) < 20  # MB kept after three rounds of 200 MB

@@ -142,3 +142,23 @@ def install() -> None:
     if grid is not None:
         grid.inflate_object_from_contents = inflate_releasing_chunks  # the ServerApp's pull_messages
     _installed = True
+
+
+def return_large_frees(threshold: int = 1 << 20) -> bool:
+    """glibc only: serve every block of ``threshold`` bytes or more with its own mapping, given back to the system
+    when freed. glibc's default threshold is dynamic: after the first large block is freed it rises (up to 32 MB),
+    so the 5 MB chunks and the arrays of every later message come from the heap, and once freed they stay in the
+    process (counted in its RSS) instead of going back. In a ServerApp that takes one model-sized reply after
+    another that retention is a model or more (measured: docs/benchmarks.md). A fixed threshold turns the dynamic
+    rule off. Returns False where there is no glibc ``mallopt`` (nothing changes there)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    return bool(mallopt(m_mmap_threshold, int(threshold)) == 1 and mallopt(m_trim_threshold, int(threshold)) == 1)
