@@ -115,8 +115,7 @@ def test_install_puts_both_in_place_and_keeps_flowers_for_the_memo_path(monkeypa
         monkeypatch.setattr(module, name, getattr(module, name))  # restored after the test
     push, original = flower_transfer.flowers_own()  # Flower's, whether or not an import installed ours already
     monkeypatch.setattr(flower_transfer, "_installed", False)
-    monkeypatch.setattr(flower_transfer, "_flower_inflate", None)
-    monkeypatch.setattr(flower_transfer, "_flower_push", None)
+    monkeypatch.delattr(iu, flower_transfer._ORIGINALS, raising=False)  # as in a fresh process
     monkeypatch.setattr(iu, "push_object_contents_from_iterable", push)  # Flower's, as a fresh process has them
     monkeypatch.setattr(iu, "inflate_object_from_contents", original)
     from flwr.superlink.grid import http_grid as grid
@@ -126,7 +125,7 @@ def test_install_puts_both_in_place_and_keeps_flowers_for_the_memo_path(monkeypa
     flower_transfer.install()  # idempotent
     assert iu.push_object_contents_from_iterable is flower_transfer.push_contents_bounded
     assert http_grid.inflate_object_from_contents is flower_transfer.inflate_releasing_chunks
-    assert flower_transfer._flower_inflate is original
+    assert flower_transfer.flowers_own() == (push, original)
     # push_objects (what the grid and the ClientApp call) now goes through the bounded push
     msg = build_message(6, 2, 0)
     objects, got = dict(get_all_nested_objects(msg)), {}
@@ -150,6 +149,21 @@ def test_a_clientapp_does_not_load_the_servers_grid():
             "print(http_grid.inflate_object_from_contents is flower_transfer.inflate_releasing_chunks)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "True", out.stderr
+
+
+def test_a_second_copy_of_the_module_keeps_flowers_own(monkeypatch):
+    import importlib.util
+
+    push, original = flower_transfer.flowers_own()
+    flower_transfer.install()
+    spec = importlib.util.spec_from_file_location("flower_transfer_copy", flower_transfer.__file__)
+    copy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(copy)
+    for module, name in ((iu, "push_object_contents_from_iterable"), (iu, "inflate_object_from_contents")):
+        monkeypatch.setattr(module, name, getattr(module, name))  # restored after the test
+    copy.install()
+    assert copy.flowers_own() == (push, original)
+    assert original is not flower_transfer.inflate_releasing_chunks and original is not copy.inflate_releasing_chunks
 
 
 def test_install_fails_in_one_line_on_another_layout(monkeypatch):

@@ -17,7 +17,8 @@ Flower 1.42 moves a message as content-addressed objects (``Message`` -> ``Recor
 
 ``install()`` puts both in place in the process that calls it (the ServerApp and the ClientApp import this module;
 the SuperLink and SuperNode only store and forward contents). The objects, their ids, and what is pushed and pulled
-do not change; a Flower other than 1.42's layout makes ``install()`` fail in one line.
+do not change; a Flower other than 1.42's layout makes ``install()`` fail in one line. ``return_large_frees()``
+(the ServerApp calls it) makes freed model-sized buffers leave the process instead of staying in glibc's heap.
 """
 
 from __future__ import annotations
@@ -65,8 +66,7 @@ def inflate_releasing_chunks(object_id: str, object_contents: dict[str, bytes], 
     from flwr.supercore.inflatable import inflatable_utils as iu
 
     if keep_object_contents or objects is not None:
-        flower = _flower_inflate or iu.inflate_object_from_contents  # Flower's, installed or not
-        return flower(object_id, object_contents, keep_object_contents=keep_object_contents, objects=objects)
+        return flowers_own()[1](object_id, object_contents, keep_object_contents=keep_object_contents, objects=objects)
     head = iu.get_object_head_values_from_object_content
     chunk = iu.ArrayChunk.__qualname__
     # how many arrays still need each chunk (an array's head lists each of its chunks once)
@@ -98,16 +98,14 @@ def inflate_releasing_chunks(object_id: str, object_contents: dict[str, bytes], 
     return build(object_id)
 
 
-_flower_inflate = None  # Flower's inflate_object_from_contents, once install() has replaced it
-_flower_push = None  # Flower's push_object_contents_from_iterable, likewise
+_ORIGINALS = "_histodiff_flower_originals"  # kept on Flower's module: a second copy of this one finds them too
 
 
 def flowers_own():
-    """Flower's own (push, pull) functions, installed over or not (for benchmarks and tests)."""
+    """Flower's own (push, pull) functions, installed over or not (for benchmarks, tests and the memo path)."""
     from flwr.supercore.inflatable import inflatable_utils as iu
 
-    return (_flower_push or iu.push_object_contents_from_iterable,
-            _flower_inflate or iu.inflate_object_from_contents)
+    return getattr(iu, _ORIGINALS, None) or (iu.push_object_contents_from_iterable, iu.inflate_object_from_contents)
 
 
 def install() -> None:
@@ -117,7 +115,7 @@ def install() -> None:
     Flower's ``HttpGrid`` (the ServerApp's grid) imports the pull function by name: it is replaced there too when
     that module is loaded already (the ServerApp process loads it before the app), and a later import takes the
     replaced one from ``inflatable_utils``. A ClientApp never loads it (1.5 s of imports it does not need)."""
-    global _installed, _flower_inflate, _flower_push
+    global _installed
     if _installed:
         return
     try:
@@ -135,8 +133,8 @@ def install() -> None:
     if missing:
         raise RuntimeError(f"wire.flower_transfer: this Flower lacks {', '.join(missing)} (laid out as in 1.42); "
                            "update wire/flower_transfer.py")
-    if iu.inflate_object_from_contents is not inflate_releasing_chunks:  # never take ours for Flower's
-        _flower_inflate, _flower_push = iu.inflate_object_from_contents, iu.push_object_contents_from_iterable
+    if getattr(iu, _ORIGINALS, None) is None:  # the first install in this process keeps Flower's own
+        setattr(iu, _ORIGINALS, (iu.push_object_contents_from_iterable, iu.inflate_object_from_contents))
     iu.push_object_contents_from_iterable = push_contents_bounded  # push_objects looks it up here at each call
     iu.inflate_object_from_contents = inflate_releasing_chunks  # the ClientApp's pull_and_inflate_object_from_tree
     if grid is not None:
