@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from server import flwr_cli
-from server.lock import RunDirBusy, RunLock, reap, reap_flower, set_parent_death_signal
+from server.lock import LOCK_FILE, RunDirBusy, RunLock, reap, reap_flower, set_parent_death_signal
 from strategies.schedule import STATE_FILE, load_state
 
 log = logging.getLogger("histodiff.fed")
@@ -48,7 +48,8 @@ def parse(argv):
                        help="continue the run in RUN_DIR at its next round (refused when RUN_DIR holds no run)")
     start.add_argument("--resume-or-start", metavar="RUN_DIR", default=None,
                        help="continue the run in RUN_DIR, or start one there when RUN_DIR is missing or empty (what "
-                            "a restarted Kubernetes Job runs); refused when RUN_DIR holds other files")
+                            "a restarted Kubernetes Job runs; what a start killed early leaves counts as empty); refused "
+                            "when RUN_DIR holds other files")
     p.add_argument("--superlink", default=None, help="join this SuperLink (HOST:PORT) instead of starting one")
     p.add_argument("--port", type=int, default=None, help="port of the SuperLink to start (default: a free one)")
     p.add_argument("--host", default=None,
@@ -79,9 +80,10 @@ def main(argv: list[str] | None = None) -> int:
         target = Path(args.resume_or_start)
         if (target / COORDINATOR_FILE).is_file() or (target / STATE_FILE).is_file():
             args.resume = args.resume_or_start
-        elif target.exists() and (not target.is_dir() or any(target.iterdir())):
+        elif target.exists() and (not target.is_dir() or _foreign(target)):
             print(f"error: --resume-or-start {args.resume_or_start}: holds files but no federated run (no "
-                  f"{COORDINATOR_FILE} or {STATE_FILE}); give an empty or new folder", file=sys.stderr)
+                  f"{COORDINATOR_FILE} or {STATE_FILE}): {', '.join(_foreign(target)[:3]) or target.name}; give "
+                  "an empty or new folder", file=sys.stderr)
             return 2
         else:
             args.run_dir = args.resume_or_start
@@ -107,6 +109,15 @@ def main(argv: list[str] | None = None) -> int:
         return _coordinate(args, run_dir)
     finally:
         lock.release()
+
+
+# what server.run writes into a run directory before its coordinator.json: a start killed that early left only these
+STARTUP_NAMES = (LOCK_FILE, "flwr-home", "logs", "certs", "superlink.db")
+
+
+def _foreign(folder: Path) -> list[str]:
+    """The entries of ``folder`` that no server.run start wrote (sorted names)."""
+    return sorted(p.name for p in folder.iterdir() if not p.name.startswith(STARTUP_NAMES))
 
 
 def _coordinate(args, run_dir: Path) -> int:

@@ -59,9 +59,13 @@ def test_bad_arguments_are_refused_before_anything_starts(tmp_path):
     (tmp_path / "stray").mkdir()
     (tmp_path / "stray" / "notes.txt").write_text("not a run")
     res = run("--resume-or-start", str(tmp_path / "stray"))
-    assert res.returncode == 2 and "holds files but no federated run" in res.stderr
+    assert res.returncode == 2 and "holds files but no federated run" in res.stderr and "notes.txt" in res.stderr
     res = run("--resume-or-start", str(tmp_path / "new"), "--config", "lae-rounds=-1")  # a new folder: a start,
     assert res.returncode == 2 and "'lae-rounds'" in res.stderr  # so it reaches the config check
+    (tmp_path / "early" / "flwr-home").mkdir(parents=True)  # a start killed before its coordinator.json
+    (tmp_path / "early" / "coordinator.lock").write_text("")
+    res = run("--resume-or-start", str(tmp_path / "early"), "--config", "lae-rounds=-1")
+    assert res.returncode == 2 and "'lae-rounds'" in res.stderr  # a start again, not a refusal
     res = run("--resume", str(tmp_path / "new"), "--resume-or-start", str(tmp_path / "new"))
     assert res.returncode == 2 and "not allowed with" in res.stderr
     res = run("--run-dir", str(tmp_path / "r"), "--simulation", "2", "--config", "this is not toml")
