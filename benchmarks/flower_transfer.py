@@ -5,8 +5,8 @@ A message with one ``ArrayRecord`` of ``--mb`` MB of float32 (arrays of ``--arra
 chunk is its own object; plus ``--zero-mb`` MB of zeros, whose equal chunks are one object shared by its arrays):
 
 - **push**: ``push_objects`` (what the ServerApp's ``push_messages`` and the ClientApp's reply call) with an upload
-  function that takes ``--latency-ms`` per object (a loopback HTTPS round trip of a 5 MB object is 10-100 ms on
-  this machine) and keeps nothing;
+  function that takes ``--latency-ms`` per object (a stand-in for the upload; not measured here) and keeps
+  nothing;
 - **pull**: ``inflate_object_from_contents`` on the message's pulled contents (what ``pull_messages`` does once
   every object is in).
 

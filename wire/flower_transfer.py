@@ -117,7 +117,7 @@ def install() -> None:
 
     Flower's ``HttpGrid`` (the ServerApp's grid) imports the pull function by name: it is replaced there too when
     that module is loaded already (the ServerApp process loads it before the app), and a later import takes the
-    replaced one from ``inflatable_utils``. A ClientApp never loads it (1.5 s of imports it does not need)."""
+    replaced one from ``inflatable_utils``. A ClientApp never loads it (imports it does not need)."""
     global _installed
     if _installed:
         return
